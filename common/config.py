@@ -1,0 +1,330 @@
+"""Typed run configuration that mirrors the YAML file one to one.
+
+Every section of the YAML is a dataclass below and every key a field, so
+`train.learning_rate` in YAML is `config.train.learning_rate` in code. Loading
+checks unknown keys, types and cross-field consistency, and raises
+`ConfigError` naming the dotted path of the field and the fix, before any
+worker starts. Defaults are the paper's SD3.5 settings (Flow-GRPO, DESIGN.md §1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+ATTENTION_PROJECTIONS = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+]
+
+
+@dataclass
+class ModelConfig:
+    """The base pipeline. `path` is a local directory or a hub id (e.g.
+    stabilityai/stable-diffusion-3.5-medium). `tiny_preset` builds the offline tiny
+    model at `path` when the directory does not exist (CPU runs and tests)."""
+    path: str = "stabilityai/stable-diffusion-3.5-medium"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    max_sequence_length: int = 128
+    tiny_preset: Optional[Literal["s", "m"]] = None
+
+
+@dataclass
+class SampleConfig:
+    """Rollout sampling: `group_size` images per prompt with `train_steps` SDE steps;
+    evaluation runs the ODE with `eval_steps` ("denoising reduction")."""
+    resolution: int = 512
+    train_steps: int = 10
+    eval_steps: int = 40
+    guidance_scale: float = 4.5
+    noise_level: float = 0.7
+    group_size: int = 24
+    prompts_per_iteration: int = 48
+    batch_size: int = 8
+    negative_prompt: str = ""
+
+
+@dataclass
+class TrainConfig:
+    """The GRPO update (DESIGN.md §1): clipped ratio, KL to the LoRA-disabled reference."""
+    learning_rate: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-4
+    adam_eps: float = 1e-8
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    beta: float = 0.04
+    max_grad_norm: float = 1.0
+    timestep_fraction: float = 0.99
+    optimizer_steps_per_iteration: int = 2
+    inner_epochs: int = 1
+    micro_batch_size: int = 8
+    global_std: bool = True
+    ema: bool = True
+    ema_decay: float = 0.9
+    ema_every: int = 8
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 32
+    alpha: float = 64.0
+    target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
+    init: Literal["gaussian", "zeros"] = "gaussian"
+
+
+@dataclass
+class OcrConfig:
+    engine: Literal["rapidocr", "paddleocr", "tesseract"] = "rapidocr"
+    det_model_dir: Optional[str] = None
+    rec_model_dir: Optional[str] = None
+    cls_model_dir: Optional[str] = None
+    use_gpu: bool = False
+
+
+@dataclass
+class GenevalConfig:
+    detector: str = "facebook/mask2former-swin-small-coco-instance"
+    clip: str = "openai/clip-vit-large-patch14"
+    device: str = "auto"
+
+
+@dataclass
+class PickScoreConfig:
+    processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    model: str = "yuvalkirstain/PickScore_v1"
+    device: str = "auto"
+
+
+@dataclass
+class RewardConfig:
+    """`weights` picks the scorers and their weights in the total. `endpoints` maps a
+    scorer name to a remote gRPC service (`grpc://host:port`) that is used in place of
+    the in-process scorer."""
+    weights: dict[str, float] = field(default_factory=lambda: {"geneval": 1.0})
+    endpoints: dict[str, str] = field(default_factory=dict)
+    num_workers: int = 1
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    batch_size: int = 16
+    timeout_s: float = 120.0
+    retries: int = 2
+    ocr: OcrConfig = field(default_factory=OcrConfig)
+    geneval: GenevalConfig = field(default_factory=GenevalConfig)
+    pickscore: PickScoreConfig = field(default_factory=PickScoreConfig)
+
+
+@dataclass
+class PromptsConfig:
+    """Training and evaluation prompt sets; `format` is how a line is read."""
+    train: str = "geneval/train_metadata.jsonl"
+    eval: Optional[str] = None
+    format: Literal["text", "ocr", "geneval"] = "geneval"
+
+
+@dataclass
+class RolloutConfig:
+    """Rollout workers: each is one Ray actor in its own one-bundle placement group."""
+    num_workers: int = 1
+    num_gpus: float = 1.0
+    num_cpus: float = 1.0
+    timeout_s: float = 600.0
+
+
+@dataclass
+class LearnerConfig:
+    num_gpus: float = 1.0
+    num_cpus: float = 1.0
+    timeout_s: float = 1800.0
+
+
+@dataclass
+class RunConfig:
+    name: str = "flowgrpo"
+    iterations: int = 1000
+    seed: int = 42
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = 1
+    checkpoint_every: int = 50
+    sample_images_every: int = 10
+    eval_every: int = 0
+    num_torch_threads: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        """Cross-field checks; each failure names the field and the fix."""
+        s, t, lora = self.sample, self.train, self.lora
+        _check(s.group_size >= 2, "sample.group_size", f"must be at least 2 (GRPO compares images within a group), got {s.group_size}")
+        _check(0.0 <= s.noise_level <= 1.0, "sample.noise_level", f"must lie in [0, 1], got {s.noise_level}")
+        _check(s.train_steps >= 2, "sample.train_steps", f"must be at least 2, got {s.train_steps}")
+        _check(s.eval_steps >= 1, "sample.eval_steps", f"must be at least 1, got {s.eval_steps}")
+        _check(s.resolution % 16 == 0 and s.resolution > 0, "sample.resolution", f"must be a positive multiple of 16 (VAE factor 8 x patch 2), got {s.resolution}")
+        _check(s.prompts_per_iteration >= 1, "sample.prompts_per_iteration", "must be at least 1")
+        _check(s.batch_size >= 1, "sample.batch_size", "must be at least 1")
+        _check(s.batch_size % s.group_size == 0 or s.group_size % s.batch_size == 0, "sample.batch_size",
+               f"must divide sample.group_size ({s.group_size}) or be a multiple of it, got {s.batch_size}")
+        _check(0.0 < t.timestep_fraction <= 1.0, "train.timestep_fraction", f"must lie in (0, 1], got {t.timestep_fraction}")
+        _check(int(t.timestep_fraction * s.train_steps) >= 1, "train.timestep_fraction",
+               f"trains no step: floor({t.timestep_fraction} x sample.train_steps={s.train_steps}) is 0")
+        _check(t.learning_rate > 0, "train.learning_rate", "must be positive")
+        _check(t.clip_range > 0, "train.clip_range", "must be positive")
+        _check(t.beta >= 0, "train.beta", "must be >= 0 (0 switches the KL term off)")
+        _check(t.adv_clip_max > 0, "train.adv_clip_max", "must be positive")
+        _check(t.max_grad_norm > 0, "train.max_grad_norm", "must be positive")
+        _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1")
+        _check(t.optimizer_steps_per_iteration >= 1, "train.optimizer_steps_per_iteration", "must be at least 1")
+        _check(t.inner_epochs >= 1, "train.inner_epochs", "must be at least 1")
+        _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"must lie in [0, 1), got {t.ema_decay}")
+        _check(t.ema_every >= 1, "train.ema_every", "must be at least 1")
+        images = s.group_size * s.prompts_per_iteration
+        _check(images >= t.optimizer_steps_per_iteration, "train.optimizer_steps_per_iteration",
+               f"exceeds the images per iteration ({images} = sample.group_size x sample.prompts_per_iteration)")
+        _check(lora.rank >= 1, "lora.rank", "must be at least 1")
+        _check(lora.alpha > 0, "lora.alpha", "must be positive")
+        _check(len(lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
+        _check(len(self.reward.weights) > 0, "reward.weights", "must name at least one scorer, e.g. {jpeg_compressibility: 1.0}")
+        for name, w in self.reward.weights.items():
+            _check(w == w and w != float("inf"), f"reward.weights.{name}", "must be a finite number")
+        for name, address in self.reward.endpoints.items():
+            _check(address.startswith("grpc://") and ":" in address[len("grpc://"):], f"reward.endpoints.{name}",
+                   f"must look like grpc://host:port, got {address!r}")
+        _check(self.reward.num_workers >= 1, "reward.num_workers", "must be at least 1")
+        _check(self.reward.retries >= 0, "reward.retries", "must be >= 0")
+        _check(self.reward.timeout_s > 0, "reward.timeout_s", "must be positive")
+        _check(self.rollout.num_workers >= 1, "rollout.num_workers", "must be at least 1")
+        _check(self.rollout.num_gpus >= 0 and self.rollout.num_cpus >= 0, "rollout.num_gpus", "resources must be >= 0")
+        _check(self.model.max_sequence_length >= 1, "model.max_sequence_length", "must be at least 1")
+        r = self.run
+        _check(r.iterations >= 1, "run.iterations", "must be at least 1")
+        _check(r.max_staleness >= 0, "run.max_staleness", "must be >= 0")
+        _check(r.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0 (0: only at the end)")
+        _check(r.sample_images_every >= 0, "run.sample_images_every", "must be >= 0 (0: never)")
+        return self
+
+
+def _check(ok: bool, path: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {message}")
+
+
+# ---------------------------------------------------------------- YAML <-> dataclasses
+
+def from_dict(data: dict[str, Any], cls: type = Config, path: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict, checking keys and types recursively."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or '<top level>'}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(f"{where}: unknown key; {path or 'the top level'} takes {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(value if value is not None else {}, tp, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], path): _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected a whole number, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{path}: unsupported config type {tp!r}")  # a programming error, not a user error
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set a.b=value` overrides (value parsed as YAML) to a config dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. run.iterations=5")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or the defaults when `path` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    data = apply_overrides(data, list(overrides))
+    try:
+        return from_dict(data).validate()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path else str(err)) from None
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,121 @@
+"""The rollout batch on the wire: one Arrow record batch per chunk of images.
+
+Columns (DESIGN.md "Data on the wire"):
+
+    prompt          string
+    prompt_index    int64        group key: images of one prompt draw share it
+    metadata        string       JSON the scorers need (GenEval's include/exclude, ...)
+    image           fixed_shape_tensor<uint8>[H, W, 3]       RGB
+    latents         fixed_shape_tensor<float32>[T+1, C, h, w] x_0 (noise) .. x_T
+    timesteps       list<float32>  the T timesteps the transformer saw
+    log_probs       list<float32>  log p(x_{j+1} | x_j) per step, as sampled
+    policy_version  int64
+    rollout_worker  string
+  after scoring:
+    rewards         struct<name: float64, ...>  one field per scorer
+    reward          float64      weighted total
+  after the controller:
+    advantage       float64
+
+Images travel as raw uint8 tensors rather than PNG: encoding 512 px PNGs costs
+tens of milliseconds each on the rollout worker and buys nothing inside the
+object store. The gRPC reward service, which crosses process and environment
+boundaries, uses PNG. Tensor columns convert to numpy without a copy.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+TENSOR_COLUMNS = ("image", "latents")
+LOG_DROPPED_COLUMNS = ("latents", "image")
+
+
+def tensor_array(array: np.ndarray) -> pa.Array:
+    """A fixed-shape tensor column from an array whose first axis is the row."""
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(array))
+
+
+def list_array(rows: np.ndarray) -> pa.Array:
+    rows = np.asarray(rows, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), rows.shape[1]).cast(
+        pa.list_(pa.float32()))
+
+
+def make_rollout_batch(
+    *,
+    prompts: Sequence[str],
+    prompt_index: Sequence[int],
+    metadata: Sequence[Mapping[str, Any]],
+    images: np.ndarray,
+    latents: np.ndarray,
+    timesteps: np.ndarray,
+    log_probs: np.ndarray,
+    policy_version: int,
+    rollout_worker: str,
+) -> pa.RecordBatch:
+    n = len(prompts)
+    for name, value in (("prompt_index", prompt_index), ("metadata", metadata), ("images", images),
+                        ("latents", latents), ("timesteps", timesteps), ("log_probs", log_probs)):
+        if len(value) != n:
+            raise ValueError(f"make_rollout_batch: {name} has {len(value)} rows, prompts has {n}")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"make_rollout_batch: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(list(prompts), pa.string()),
+            pa.array(np.asarray(prompt_index, dtype=np.int64)),
+            pa.array([json.dumps(m) for m in metadata], pa.string()),
+            tensor_array(images),
+            tensor_array(latents.astype(np.float32, copy=False)),
+            list_array(timesteps),
+            list_array(log_probs),
+            pa.array(np.full(n, policy_version, dtype=np.int64)),
+            pa.array([rollout_worker] * n, pa.string()),
+        ],
+        names=["prompt", "prompt_index", "metadata", "image", "latents", "timesteps", "log_probs",
+               "policy_version", "rollout_worker"],
+    )
+
+
+def tensor_column(batch: pa.RecordBatch | pa.Table, name: str) -> np.ndarray:
+    """A tensor column as one numpy array [N, ...] (no copy for a single chunk)."""
+    column = batch.column(name)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    return column.to_numpy_ndarray()
+
+
+def list_column(batch: pa.RecordBatch | pa.Table, name: str) -> np.ndarray:
+    """A list<float> column of equal-length rows as a numpy array [N, L]."""
+    return np.asarray(batch.column(name).to_pylist(), dtype=np.float32)
+
+
+def metadata_column(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
+    return [json.loads(m) for m in batch.column("metadata").to_pylist()]
+
+
+def with_scores(batch: pa.RecordBatch, rewards: Mapping[str, np.ndarray], total: np.ndarray) -> pa.RecordBatch:
+    """Append `rewards` (a struct of one float per scorer) and the weighted `reward`."""
+    fields = [pa.array(np.asarray(v, dtype=np.float64)) for v in rewards.values()]
+    struct = pa.StructArray.from_arrays(fields, names=list(rewards.keys()))
+    batch = batch.append_column("rewards", struct)
+    return batch.append_column("reward", pa.array(np.asarray(total, dtype=np.float64)))
+
+
+def with_advantages(data: pa.Table, advantages: np.ndarray) -> pa.Table:
+    return data.append_column("advantage", pa.array(np.asarray(advantages, dtype=np.float64)))
+
+
+def concat(batches: Sequence[pa.RecordBatch]) -> pa.Table:
+    """Chunks of one iteration as one table with contiguous columns."""
+    return pa.Table.from_batches(list(batches)).combine_chunks()
+
+
+def for_log(data: pa.Table) -> pa.Table:
+    """The rollout log's table: the wire schema without latents and images (they go to
+    checkpoints and sample grids; a Parquet row per image stays small)."""
+    return data.drop_columns([c for c in LOG_DROPPED_COLUMNS if c in data.column_names])
