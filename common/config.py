@@ -82,7 +82,7 @@ class LoraConfig:
     rank: int = 32
     alpha: float = 64.0
     target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
-    init: Literal["gaussian", "zeros"] = "gaussian"
+    init: Literal["gaussian", "kaiming"] = "gaussian"
 
 
 @dataclass
@@ -278,6 +278,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a whole number, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)

@@ -1,0 +1,77 @@
+"""What the rollout workers and the learner share around the transformer: prompt
+embeddings, the sigma schedule, and the classifier-free-guided velocity.
+
+Both sides must run exactly this code for the learner's recomputed log-probs to equal
+the rollout's (ratio 1 before the first update).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PromptEmbeds:
+    """SD3's joint text conditioning: token embeddings [B, L, D] (CLIP-L, CLIP-G and T5
+    concatenated along the sequence) and pooled CLIP embeddings [B, P]."""
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def select(self, index: torch.Tensor | list[int]) -> "PromptEmbeds":
+        index = torch.as_tensor(index, device=self.tokens.device, dtype=torch.long)
+        return PromptEmbeds(self.tokens[index], self.pooled[index])
+
+    def expand(self, batch: int) -> "PromptEmbeds":
+        """A single row (the negative prompt) broadcast to a batch, without a copy."""
+        return PromptEmbeds(self.tokens.expand(batch, -1, -1), self.pooled.expand(batch, -1))
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], max_sequence_length: int) -> PromptEmbeds:
+    """Encode each prompt once with the three frozen text encoders."""
+    tokens, _, pooled, _ = pipe.encode_prompt(
+        prompt=prompts, prompt_2=prompts, prompt_3=prompts, device=pipe.transformer.device,
+        do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
+    )
+    return PromptEmbeds(tokens.to(pipe.transformer.dtype), pooled.to(pipe.transformer.dtype))
+
+
+def sigma_schedule(scheduler, num_steps: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps [T], sigmas [T + 1]) of the flow-matching scheduler (SD3 shift 3.0);
+    sigmas run from 1 to 0. Computed once per step count, not per step."""
+    scheduler.set_timesteps(num_steps, device=device)
+    return scheduler.timesteps.clone().float(), scheduler.sigmas.clone().float()
+
+
+def guided_velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor, cond: PromptEmbeds,
+                    uncond: PromptEmbeds, guidance_scale: float, grad: bool = False) -> torch.Tensor:
+    """v = v_uncond + s (v_cond - v_uncond), the classifier-free-guided velocity.
+
+    Without `grad` (rollout) both branches run as one batch of 2B. With `grad` (learner)
+    the unconditional branch runs under no_grad, as the paper's code detaches it: the
+    backward pass then covers B samples rather than 2B, a third less learner compute.
+    """
+    batch = latents.shape[0]
+    t = timestep.to(latents.device, torch.float32).expand(batch) if timestep.ndim == 0 else timestep
+
+    def run(x, tt, embeds):
+        return transformer(hidden_states=x, timestep=tt, encoder_hidden_states=embeds.tokens,
+                           pooled_projections=embeds.pooled, return_dict=False)[0]
+
+    if guidance_scale == 1.0:
+        return run(latents, t, cond)
+    if not grad:
+        with torch.no_grad():
+            both = run(torch.cat([latents, latents]), torch.cat([t, t]),
+                       PromptEmbeds(torch.cat([uncond.tokens, cond.tokens]),
+                                    torch.cat([uncond.pooled, cond.pooled])))
+        v_uncond, v_cond = both.chunk(2)
+    else:
+        with torch.no_grad():
+            v_uncond = run(latents, t, uncond)
+        v_cond = run(latents, t, cond)
+    return v_uncond + guidance_scale * (v_cond - v_uncond)

@@ -1,0 +1,185 @@
+"""Loading the Stable Diffusion 3 pipeline, and building a tiny offline one.
+
+Production loads SD3.5 Medium by hub id or local directory. Tests and CPU runs use
+a tiny pipeline of the *same classes* (SD3Transformer2DModel with dual attention
+and RMS qk-norm, a 16-channel AutoencoderKL with SD3's factor-8 downsampling, the
+flow-matching Euler scheduler with shift 3, two CLIP text encoders with projection
+and a T5 encoder), with random weights and tokenizers trained locally, saved with
+`save_pretrained` and read back by the very loader production uses.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+# Words the tiny tokenizers are trained on: enough that prompts of the shipped
+# prompt sets split into a handful of pieces rather than single bytes.
+_TOKENIZER_CORPUS = """
+a an the of and with on in under over above below left right next to photo picture image
+sign that says text reads written neon board poster label cover book shirt wall street
+red orange yellow green blue purple pink brown black white gray colorful bright dark
+one two three four five six seven eight nine ten many some
+person bicycle car motorcycle airplane bus train truck boat traffic light fire hydrant stop
+parking meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack
+umbrella handbag tie suitcase frisbee skis snowboard sports ball kite baseball bat glove
+skateboard surfboard tennis racket bottle wine glass cup fork knife spoon bowl banana apple
+sandwich broccoli carrot hot pizza donut cake chair couch potted plant bed dining table
+toilet tv laptop mouse remote keyboard cell phone microwave oven toaster sink refrigerator
+clock vase scissors teddy hair drier toothbrush close-up high detailed realistic painting
+""".split()
+
+
+@dataclass(frozen=True)
+class TinyPreset:
+    """Sizes of a tiny SD3.5-architecture pipeline (ENVIRONMENT.md's shape rules:
+    joint_attention_dim = T5 d_model = 2 x CLIP hidden; caption_projection_dim =
+    heads x head_dim; pooled_projection_dim = 2 x CLIP projection)."""
+    layers: int
+    heads: int
+    head_dim: int
+    clip_hidden: int
+    vae_channels: int
+
+
+TINY_PRESETS = {
+    "s": TinyPreset(layers=2, heads=4, head_dim=8, clip_hidden=16, vae_channels=8),
+    "m": TinyPreset(layers=4, heads=4, head_dim=16, clip_hidden=32, vae_channels=16),
+}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on a GPU (the paper's setting) and float32 on the CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  with_vae: bool = True):
+    """Load a StableDiffusion3Pipeline from a local directory or a hub id, frozen.
+
+    `with_vae=False` skips the VAE (the learner never decodes images)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    extra = {} if with_vae else {"vae": None}
+    if not Path(path).is_dir() and not _HUB_ID.fullmatch(path):
+        raise FileNotFoundError(f"model.path: directory {path} does not exist "
+                                "(build a tiny model there with `flowgrpo make-tiny-model DIR`)")
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **extra)
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1 is set and it is not in the local cache)" if offline else ""
+        raise FileNotFoundError(f"model.path: cannot load a pipeline from {path!r}{hint}: {err}") from None
+    pipe.to(device)
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_pipeline(preset: str = "s", seed: int = 0, workdir: str | Path | None = None):
+    """A tiny SD3.5-architecture pipeline with random weights, built offline.
+
+    Deterministic for (preset, seed). Tokenizers are trained on a small built-in
+    corpus and written to `workdir` (a temporary directory when None)."""
+    import tempfile
+
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                              T5EncoderModel, T5TokenizerFast)
+
+    if preset not in TINY_PRESETS:
+        raise ValueError(f"model.tiny_preset: unknown preset {preset!r}; choose one of {sorted(TINY_PRESETS)}")
+    p = TINY_PRESETS[preset]
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="flowgrpo-tok-"))
+    clip_dir, t5_dir = _train_tokenizers(workdir)
+    clip_tok = CLIPTokenizer.from_pretrained(clip_dir, model_max_length=77)
+    t5_tok = T5TokenizerFast.from_pretrained(t5_dir, model_max_length=512)
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16,
+        num_layers=p.layers, attention_head_dim=p.head_dim, num_attention_heads=p.heads,
+        joint_attention_dim=2 * p.clip_hidden, caption_projection_dim=p.heads * p.head_dim,
+        pooled_projection_dim=2 * p.clip_hidden, pos_embed_max_size=64,
+        dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    c = p.vae_channels
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(c,) * 4, layers_per_block=1, norm_num_groups=4,
+        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+    def clip_encoder():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(clip_tok), hidden_size=p.clip_hidden, intermediate_size=2 * p.clip_hidden,
+            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+            projection_dim=p.clip_hidden, bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id))
+
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tok), d_model=2 * p.clip_hidden, d_kv=8, d_ff=2 * p.clip_hidden,
+        num_layers=1, num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1))
+    return StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=clip_encoder(), tokenizer=clip_tok, text_encoder_2=clip_encoder(), tokenizer_2=clip_tok,
+        text_encoder_3=t5, tokenizer_3=t5_tok,
+    )
+
+
+def make_tiny_model(directory: str | Path, preset: str = "s", seed: int = 0) -> Path:
+    """Build the tiny pipeline and save it where `load_pipeline` reads it."""
+    import tempfile
+
+    directory = Path(directory)
+    with tempfile.TemporaryDirectory(prefix="flowgrpo-tok-") as tmp:
+        pipe = build_tiny_pipeline(preset, seed, workdir=tmp)
+        pipe.save_pretrained(directory)
+    return directory
+
+
+def _train_tokenizers(workdir: Path) -> tuple[Path, Path]:
+    """Train a byte-level BPE (CLIP style, every byte in the vocabulary, `</w>` word
+    ends) and a Unigram model (T5 style: <pad>=0, </s>=1, <unk>=2) on the corpus."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    clip_dir, t5_dir = workdir / "clip", workdir / "t5"
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    t5_dir.mkdir(parents=True, exist_ok=True)
+    corpus = [" ".join(_TOKENIZER_CORPUS)] * 4
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Lowercase()
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>",
+        show_progress=False))
+    bpe.model.save(str(clip_dir))
+
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.decoder = decoders.Metaspace()
+    unigram.train_from_iterator(corpus, trainers.UnigramTrainer(
+        vocab_size=512, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False))
+    unigram.save(str(t5_dir / "tokenizer.json"))
+    return clip_dir, t5_dir

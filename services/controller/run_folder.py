@@ -1,0 +1,256 @@
+"""The run folder: everything a training run leaves behind, in one directory.
+
+    RUN_DIR/
+      config.yaml                 the validated config the run started with
+      metrics.jsonl               one JSON object a line: {"iteration": i, ...metrics}; NaN/inf -> null
+      reward_curve.png            reward mean +- std per reward name against the iteration
+      samples/iter_000010.png     sample grids, the reward under each image
+      rollouts/part-00000.parquet the rollout log (wire schema without latents and images),
+      rollouts/part-00001.parquet   one part per process that wrote to the run (a resumed run
+                                    starts a new part); read all with pyarrow.parquet.read_table(RUN_DIR / "rollouts")
+      checkpoints/iter_000050/    one directory per checkpoint, filled by the learner and controller
+      lora/                       the final LoRA adapter
+
+Reward metrics follow one naming rule so the plot can find them: `reward/<name>/mean` and
+`reward/<name>/std` (`reward_summary` builds them). A resumed run opens the same folder and
+calls `truncate_after(checkpoint iteration)`, so the metrics of iterations it repeats are not
+logged twice. A Parquet part is readable only once closed (its footer is written last): a
+part left open by a killed process is renamed `*.parquet.incomplete` when the next writer
+starts, so the directory stays readable. One process writes to a run folder at a time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
+
+from common.config import Config, dump_config
+from common.wire import for_log
+
+_REWARD_MEAN = re.compile(r"^reward/(.+)/mean$")
+_CHECKPOINT = re.compile(r"^iter_(\d+)$")
+_PART = re.compile(r"^part-(\d+)\.parquet")
+
+
+def reward_summary(rewards: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """`reward/<name>/mean` and `reward/<name>/std` (population std) for each reward name."""
+    summary = {}
+    for name, values in rewards.items():
+        values = np.asarray(values, dtype=np.float64)
+        summary[f"reward/{name}/mean"] = float(values.mean())
+        summary[f"reward/{name}/std"] = float(values.std())
+    return summary
+
+
+class RunFolder:
+    """Writes the run folder described in the module docstring; opening an existing folder
+    keeps what is there."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.rollouts_dir = self.path / "rollouts"
+        self._writer: pq.ParquetWriter | None = None
+        self._drop_torn_metrics_line()
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ config and metrics
+
+    def write_config(self, config: Config) -> Path:
+        path = self.path / "config.yaml"
+        dump_config(config, path)
+        return path
+
+    def log_metrics(self, iteration: int, metrics: Mapping[str, Any]) -> None:
+        """Append one line to metrics.jsonl. Non-finite numbers become null (JSON has no
+        NaN); numpy scalars and arrays become plain numbers and lists."""
+        if "iteration" in metrics:
+            raise ValueError("log_metrics: 'iteration' is a reserved key; pass it as the iteration argument")
+        line = json.dumps({"iteration": int(iteration), **_jsonable(dict(metrics))}, allow_nan=False)
+        with open(self.metrics_path, "a", encoding="utf-8") as f:  # closing flushes every line
+            f.write(line + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for number, line in enumerate(self.metrics_path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{self.metrics_path}:{number}: not a JSON line ({err.msg}); "
+                                 "remove or fix the line") from None
+        return rows
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop the metrics of iterations after `iteration`: a run resumed from the
+        checkpoint of `iteration` logs them again."""
+        kept = [row for row in self.read_metrics() if row["iteration"] <= iteration]
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+        os.replace(tmp, self.metrics_path)
+
+    def _drop_torn_metrics_line(self) -> None:
+        """Every line is written whole with its newline; a last line without one was cut
+        by a killed process and would glue onto the next line written."""
+        if not self.metrics_path.exists():
+            return
+        data = self.metrics_path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            self.metrics_path.write_bytes(data[:data.rfind(b"\n") + 1])
+
+    # ------------------------------------------------------------ pictures
+
+    def plot_rewards(self) -> Path | None:
+        """Redraw reward_curve.png from metrics.jsonl: one panel per reward name, the mean
+        with a +-std band. Returns None (and draws nothing) before any reward is logged."""
+        rows = self.read_metrics()
+        names = sorted({m.group(1) for row in rows for key in row if (m := _REWARD_MEAN.match(key))})
+        if not names:
+            return None
+        figure = Figure(figsize=(7, 2.6 * len(names)), layout="constrained")
+        axes = figure.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
+        for ax, name in zip(axes, names):
+            points = [(row["iteration"], row[f"reward/{name}/mean"], row.get(f"reward/{name}/std"))
+                      for row in rows if row.get(f"reward/{name}/mean") is not None]
+            x = np.array([p[0] for p in points], dtype=float)
+            mean = np.array([p[1] for p in points], dtype=float)
+            std = np.array([np.nan if p[2] is None else p[2] for p in points], dtype=float)
+            ax.plot(x, mean, marker="." if len(x) < 50 else None, label="mean")
+            ax.fill_between(x, mean - std, mean + std, alpha=0.25, label="+-std")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+        axes[0].set_title("reward per iteration")
+        axes[0].legend(loc="best")
+        axes[-1].set_xlabel("iteration")
+        path = self.path / "reward_curve.png"
+        tmp = self.path / "reward_curve.tmp.png"  # replaced atomically: a viewer never sees half a file
+        figure.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+        return path
+
+    def save_sample_grid(self, iteration: int, images: np.ndarray, captions: Sequence[str],
+                         rewards: Sequence[float]) -> Path:
+        """samples/iter_XXXXXX.png: the images in a near-square grid, under each its reward
+        and as much of its caption as fits."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"save_sample_grid: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+        n, height, width, _ = images.shape
+        if len(captions) != n or len(rewards) != n:
+            raise ValueError(f"save_sample_grid: {n} images need {n} captions and rewards, "
+                             f"got {len(captions)} and {len(rewards)}")
+        font = ImageFont.load_default()
+        line_height = font.getbbox("Ag")[3] + 3
+        cell_width, cell_height = max(width, 160), height + 2 * line_height + 6
+        cols = math.ceil(math.sqrt(n))
+        rows = math.ceil(n / cols)
+        grid = Image.new("RGB", (cols * cell_width, rows * cell_height), "white")
+        draw = ImageDraw.Draw(grid)
+        for i in range(n):
+            x, y = (i % cols) * cell_width, (i // cols) * cell_height
+            grid.paste(Image.fromarray(images[i]), (x + (cell_width - width) // 2, y))
+            draw.text((x + 3, y + height + 2), f"reward {float(rewards[i]):.4g}", fill="black", font=font)
+            draw.text((x + 3, y + height + 2 + line_height), _fit(draw, captions[i], font, cell_width - 6),
+                      fill="dimgray", font=font)
+        path = self.path / "samples" / f"iter_{iteration:06d}.png"
+        path.parent.mkdir(exist_ok=True)
+        grid.save(path)
+        return path
+
+    # ------------------------------------------------------------ rollout log
+
+    def append_rollouts(self, table: pa.Table | pa.RecordBatch) -> None:
+        """Append rollouts to this process's Parquet part (latents and images are dropped
+        here). The first table fixes the part's schema; a later table must match it."""
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        table = for_log(table)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._new_part_path(), table.schema)
+        elif not table.schema.equals(self._writer.schema, check_metadata=False):
+            raise ValueError(f"append_rollouts: the table's schema differs from the log's (fixed by the first "
+                             f"table).\nlog:   {self._writer.schema}\ntable: {table.schema}")
+        self._writer.write_table(table)
+
+    def _new_part_path(self) -> Path:
+        self.rollouts_dir.mkdir(exist_ok=True)
+        numbers = [-1]
+        for part in self.rollouts_dir.iterdir():
+            if m := _PART.match(part.name):
+                numbers.append(int(m.group(1)))
+                if part.suffix == ".parquet" and not _has_parquet_footer(part):
+                    part.rename(part.with_name(part.name + ".incomplete"))
+        return self.rollouts_dir / f"part-{max(numbers) + 1:05d}.parquet"
+
+    def close(self) -> None:
+        """Finish the Parquet part (writes its footer); the part is unreadable before."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # ------------------------------------------------------------ checkpoints and LoRA
+
+    def checkpoint_dir(self, iteration: int) -> Path:
+        path = self.path / "checkpoints" / f"iter_{iteration:06d}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def latest_checkpoint(self) -> Path | None:
+        root = self.path / "checkpoints"
+        if not root.is_dir():
+            return None
+        found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+        return max(found)[1] if found else None
+
+    @property
+    def lora_dir(self) -> Path:
+        path = self.path / "lora"
+        path.mkdir(exist_ok=True)
+        return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def _has_parquet_footer(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 12:
+            return False
+        f.seek(-4, os.SEEK_END)
+        return f.read(4) == b"PAR1"

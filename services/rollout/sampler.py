@@ -1,0 +1,72 @@
+"""The denoising loops: the Flow-GRPO SDE sampler that records what the learner needs,
+and the deterministic ODE sampler for evaluation ("denoising reduction": fewer steps
+for training rollouts than for evaluation)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.denoising import PromptEmbeds, guided_velocity
+from common.sde import sde_step_with_logprob
+
+
+@dataclass
+class SdeRollout:
+    latents: torch.Tensor    # [B, T + 1, C, h, w] float32: x_0 (noise) .. x_T, as the model consumed them
+    log_probs: torch.Tensor  # [B, T] float32
+    images: np.ndarray       # [B, H, W, 3] uint8
+
+
+def initial_noise(pipe, batch: int, resolution: int, generator: torch.Generator) -> torch.Tensor:
+    size = resolution // pipe.vae_scale_factor
+    channels = pipe.transformer.config.in_channels
+    noise = torch.randn((batch, channels, size, size), generator=generator, dtype=torch.float32,
+                        device=generator.device)
+    return noise.to(pipe.transformer.device, pipe.transformer.dtype)
+
+
+@torch.no_grad()
+def sample_sde(pipe, cond: PromptEmbeds, uncond: PromptEmbeds, timesteps: torch.Tensor, sigmas: torch.Tensor, *,
+               guidance_scale: float, noise_level: float, resolution: int,
+               generator: torch.Generator) -> SdeRollout:
+    """Sample one batch with the SDE, recording latents and per-step log-probs.
+
+    Each drawn x_{j+1} is first rounded to the model's dtype, the tensor the model
+    consumes next and the one stored, and its log-prob is taken of that rounded value,
+    so the learner can recompute it exactly from the stored latents."""
+    dtype = pipe.transformer.dtype
+    x = initial_noise(pipe, len(cond), resolution, generator)
+    latents, log_probs = [x], []
+    for j, t in enumerate(timesteps):
+        v = guided_velocity(pipe.transformer, x, t, cond, uncond, guidance_scale)
+        step = sde_step_with_logprob(v, x, sigmas, j, noise_level, generator=generator)
+        x = step.prev_sample.to(dtype)
+        log_prob = step.log_prob
+        if dtype != torch.float32:
+            log_prob = sde_step_with_logprob(v, latents[-1], sigmas, j, noise_level, prev_sample=x).log_prob
+        latents.append(x)
+        log_probs.append(log_prob)
+    return SdeRollout(torch.stack(latents, dim=1).float(), torch.stack(log_probs, dim=1), decode(pipe, x))
+
+
+@torch.no_grad()
+def sample_ode(pipe, cond: PromptEmbeds, uncond: PromptEmbeds, timesteps: torch.Tensor, sigmas: torch.Tensor, *,
+               guidance_scale: float, resolution: int, generator: torch.Generator) -> np.ndarray:
+    """The deterministic Euler ODE sampler (x + v dt) used for evaluation."""
+    x = initial_noise(pipe, len(cond), resolution, generator)
+    for j, t in enumerate(timesteps):
+        v = guided_velocity(pipe.transformer, x, t, cond, uncond, guidance_scale).float()
+        x = (x.float() + v * (sigmas[j + 1] - sigmas[j])).to(pipe.transformer.dtype)
+    return decode(pipe, x)
+
+
+@torch.no_grad()
+def decode(pipe, latents: torch.Tensor) -> np.ndarray:
+    """Latents to uint8 RGB images [B, H, W, 3] with SD3's VAE scaling and shift."""
+    vae = pipe.vae
+    z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    images = vae.decode(z, return_dict=False)[0]
+    images = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return images.permute(0, 2, 3, 1).cpu().numpy()

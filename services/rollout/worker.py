@@ -1,0 +1,88 @@
+"""The rollout worker: a plain class (the controller wraps it with `ray.remote`) that
+holds the pipeline with the current LoRA version and turns prompts into rollout batches."""
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from common import wire
+from common.config import Config
+from common.denoising import encode_prompts, sigma_schedule
+from common.lora import LoraWeights, attach_lora, load_lora
+from common.models import load_pipeline, resolve_device, resolve_dtype
+from services.rollout.sampler import sample_ode, sample_sde
+
+
+class RolloutWorker:
+    def __init__(self, config: Config, name: str = "rollout-0"):
+        self.config = config
+        self.name = name
+        if config.run.num_torch_threads:
+            torch.set_num_threads(config.run.num_torch_threads)
+        self.device = resolve_device(config.model.device)
+        self.pipe = load_pipeline(config.model.path, resolve_dtype(config.model.dtype, self.device), self.device)
+        attach_lora(self.pipe.transformer, config.lora)
+        self.version = 0
+        s = config.sample
+        self.negative = encode_prompts(self.pipe, [s.negative_prompt], config.model.max_sequence_length)
+        self.train_schedule = sigma_schedule(self.pipe.scheduler, s.train_steps, self.device)
+        self.eval_schedule = sigma_schedule(self.pipe.scheduler, s.eval_steps, self.device)
+        self.stats = {"images": 0, "seconds": 0.0}
+
+    def ready(self) -> str:
+        return self.name
+
+    def set_weights(self, weights: LoraWeights) -> int:
+        """Load a LoRA version published by the learner (digest and binding checked)."""
+        load_lora(self.pipe.transformer, weights)
+        self.version = weights.version
+        return self.version
+
+    def generate(self, prompts: Sequence[str], prompt_index: Sequence[int], metadata: Sequence[Mapping[str, Any]],
+                 seed: int) -> pa.RecordBatch:
+        """`sample.group_size` SDE samples of each prompt, as one Arrow rollout batch.
+
+        Prompt embeddings are computed once per prompt, then repeated for its group."""
+        start = time.perf_counter()
+        s = self.config.sample
+        g = s.group_size
+        embeds = encode_prompts(self.pipe, list(prompts), self.config.model.max_sequence_length)
+        rows = torch.arange(len(prompts)).repeat_interleave(g)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        timesteps, sigmas = self.train_schedule
+        latents, log_probs, images = [], [], []
+        for chunk in rows.split(s.batch_size):
+            cond = embeds.select(chunk)
+            out = sample_sde(self.pipe, cond, self.negative.expand(len(chunk)), timesteps, sigmas,
+                             guidance_scale=s.guidance_scale, noise_level=s.noise_level,
+                             resolution=s.resolution, generator=generator)
+            latents.append(out.latents.cpu().numpy())
+            log_probs.append(out.log_probs.cpu().numpy())
+            images.append(out.images)
+        rows_np = rows.numpy()
+        batch = wire.make_rollout_batch(
+            prompts=[prompts[i] for i in rows_np], prompt_index=np.asarray(prompt_index)[rows_np],
+            metadata=[metadata[i] for i in rows_np], images=np.concatenate(images),
+            latents=np.concatenate(latents), timesteps=np.tile(timesteps.cpu().numpy(), (len(rows_np), 1)),
+            log_probs=np.concatenate(log_probs), policy_version=self.version, rollout_worker=self.name,
+        )
+        self.stats["images"] += len(rows_np)
+        self.stats["seconds"] += time.perf_counter() - start
+        return batch
+
+    def evaluate(self, prompts: Sequence[str], seed: int) -> np.ndarray:
+        """One ODE sample per prompt with `sample.eval_steps` steps (uint8 images)."""
+        s = self.config.sample
+        embeds = encode_prompts(self.pipe, list(prompts), self.config.model.max_sequence_length)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        timesteps, sigmas = self.eval_schedule
+        images = []
+        for chunk in torch.arange(len(prompts)).split(s.batch_size):
+            images.append(sample_ode(self.pipe, embeds.select(chunk), self.negative.expand(len(chunk)),
+                                     timesteps, sigmas, guidance_scale=s.guidance_scale,
+                                     resolution=s.resolution, generator=generator))
+        return np.concatenate(images)

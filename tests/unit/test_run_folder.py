@@ -1,0 +1,130 @@
+"""The run folder: metrics lines, plots, sample grids, the Parquet rollout log, checkpoints."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from common.config import Config, load_config
+from common.wire import concat, make_rollout_batch, with_advantages, with_scores
+from services.controller.run_folder import RunFolder, reward_summary
+
+
+def _rollouts(n=4, version=0, seed=0):
+    rng = np.random.default_rng(seed)
+    batch = make_rollout_batch(
+        prompts=[f"prompt {i // 2}" for i in range(n)], prompt_index=[i // 2 for i in range(n)],
+        metadata=[{"target": "x"}] * n, images=rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
+        latents=rng.standard_normal((n, 3, 4, 2, 2)).astype(np.float32),
+        timesteps=np.tile([1000.0, 500.0], (n, 1)), log_probs=rng.standard_normal((n, 2)),
+        policy_version=version, rollout_worker="rollout-0")
+    scores = rng.random(n)
+    batch = with_scores(batch, {"brightness": scores}, scores)
+    return with_advantages(concat([batch]), scores - scores.mean())
+
+
+def test_config_and_metrics_lines(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    config = Config()
+    config.run.iterations = 7
+    run.write_config(config)
+    assert load_config(tmp_path / "run" / "config.yaml").run.iterations == 7
+
+    run.log_metrics(1, {"loss": np.float32(0.5), "kl": float("nan"), "grad": [1.0, float("inf")],
+                        **reward_summary({"ocr": [0.0, 1.0]})})
+    run.log_metrics(2, {"loss": 0.25})
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0]) == {"iteration": 1, "loss": 0.5, "kl": None, "grad": [1.0, None],
+                                    "reward/ocr/mean": 0.5, "reward/ocr/std": 0.5}
+    assert "NaN" not in lines[0]
+    assert run.read_metrics()[1] == {"iteration": 2, "loss": 0.25}
+    with pytest.raises(ValueError, match="reserved"):
+        run.log_metrics(3, {"iteration": 3})
+
+
+def test_resume_truncates_later_metrics_and_a_torn_line(tmp_path):
+    run = RunFolder(tmp_path)
+    for i in range(1, 6):
+        run.log_metrics(i, {"loss": i})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 6, "lo')  # a process killed mid-write
+    resumed = RunFolder(tmp_path)
+    assert [row["iteration"] for row in resumed.read_metrics()] == [1, 2, 3, 4, 5]
+    resumed.truncate_after(3)
+    resumed.log_metrics(4, {"loss": 40})
+    assert resumed.read_metrics() == [{"iteration": 1, "loss": 1}, {"iteration": 2, "loss": 2},
+                                      {"iteration": 3, "loss": 3}, {"iteration": 4, "loss": 40}]
+
+
+def test_reward_plot_draws_each_reward_name(tmp_path):
+    run = RunFolder(tmp_path)
+    assert run.plot_rewards() is None  # nothing logged yet
+    for i in range(1, 5):
+        run.log_metrics(i, {**reward_summary({"ocr": [i / 10, i / 5], "pickscore": [20.0 + i]}), "reward/ocr/std": None}
+                        if i == 2 else reward_summary({"ocr": [i / 10, i / 5], "pickscore": [20.0 + i]}))
+    path = run.plot_rewards()
+    assert path == tmp_path / "reward_curve.png"
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.height > image.width / 2  # two stacked panels
+    assert not list(tmp_path.glob("*.tmp.png"))
+
+
+def test_sample_grid_has_a_cell_per_image_with_a_label(tmp_path):
+    run = RunFolder(tmp_path)
+    images = np.zeros((5, 32, 32, 3), dtype=np.uint8)
+    images[:, :, :, 0] = 255
+    path = run.save_sample_grid(10, images, ["a long caption " * 10] * 5, [0.5, 1.0, float("nan"), 0.0, -1.25])
+    assert path == tmp_path / "samples" / "iter_000010.png"
+    with Image.open(path) as grid:
+        grid = np.asarray(grid.convert("RGB"))
+    cell_width = grid.shape[1] // 3  # 5 images: 3 columns, 2 rows
+    assert grid.shape[1] == 3 * cell_width and grid.shape[0] > 2 * 32
+    assert (grid[:32, :, 0] == 255).sum() == 3 * 32 * 32  # three red images in the first row
+    cell_height = grid.shape[0] // 2
+    label = grid[32:cell_height, :cell_width]
+    assert (label < 128).any()  # text under the image
+    with pytest.raises(ValueError, match="uint8"):
+        run.save_sample_grid(1, images.astype(np.float32), ["c"] * 5, [0.0] * 5)
+    with pytest.raises(ValueError, match="captions and rewards"):
+        run.save_sample_grid(1, images, ["c"] * 4, [0.0] * 5)
+
+
+def test_rollout_log_appends_and_continues_in_a_new_part(tmp_path):
+    with RunFolder(tmp_path) as run:
+        run.append_rollouts(_rollouts(4, version=0))
+        run.append_rollouts(_rollouts(4, version=1, seed=1).to_batches()[0])
+        with pytest.raises(ValueError, match="schema differs"):
+            run.append_rollouts(_rollouts(4).drop_columns(["advantage"]))
+    with RunFolder(tmp_path) as resumed:
+        resumed.append_rollouts(_rollouts(2, version=2))
+    assert sorted(p.name for p in (tmp_path / "rollouts").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    log = pq.read_table(tmp_path / "rollouts")
+    assert log.num_rows == 10
+    assert "latents" not in log.column_names and "image" not in log.column_names
+    assert sorted(log.column("policy_version").to_pylist()) == [0] * 4 + [1] * 4 + [2] * 2
+    assert log.schema.field("rewards").type == pa.struct([("brightness", pa.float64())])
+
+
+def test_a_part_left_open_by_a_killed_process_is_set_aside(tmp_path):
+    killed = RunFolder(tmp_path)
+    killed.append_rollouts(_rollouts(4))  # never closed: no footer
+    with RunFolder(tmp_path) as resumed:
+        resumed.append_rollouts(_rollouts(2, version=3))
+    assert sorted(p.name for p in (tmp_path / "rollouts").iterdir()) == \
+        ["part-00000.parquet.incomplete", "part-00001.parquet"]
+    assert pq.read_table(tmp_path / "rollouts").column("policy_version").to_pylist() == [3, 3]
+    killed.close()
+
+
+def test_checkpoint_dirs_and_lora_dir(tmp_path):
+    run = RunFolder(tmp_path)
+    assert run.latest_checkpoint() is None
+    assert run.checkpoint_dir(50) == tmp_path / "checkpoints" / "iter_000050"
+    run.checkpoint_dir(100)
+    run.checkpoint_dir(9)
+    (tmp_path / "checkpoints" / "notes").mkdir()
+    assert (tmp_path / "checkpoints" / "iter_000050").is_dir()
+    assert run.latest_checkpoint() == tmp_path / "checkpoints" / "iter_000100"
+    assert run.lora_dir == tmp_path / "lora" and run.lora_dir.is_dir()
