@@ -15,7 +15,7 @@ Reward metrics follow one naming rule so the plot can find them: `reward/<name>/
 `reward/<name>/std` (`reward_summary` builds them). A resumed run opens the same folder and
 calls `truncate_after(checkpoint iteration)`, so the metrics of iterations it repeats are not
 logged twice. A Parquet part is readable only once closed (its footer is written last): a
-part left open by a killed process is renamed `*.parquet.incomplete` when the next writer
+part left open by a killed process is renamed `_part-N.parquet.incomplete` when the next writer
 starts, so the directory stays readable. One process writes to a run folder at a time.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from common.wire import for_log
 
 _REWARD_MEAN = re.compile(r"^reward/(.+)/mean$")
 _CHECKPOINT = re.compile(r"^iter_(\d+)$")
-_PART = re.compile(r"^part-(\d+)\.parquet")
+_PART = re.compile(r"^_?part-(\d+)\.parquet")
 
 
 def reward_summary(rewards: Mapping[str, Sequence[float]]) -> dict[str, float]:
@@ -194,8 +194,8 @@ class RunFolder:
         for part in self.rollouts_dir.iterdir():
             if m := _PART.match(part.name):
                 numbers.append(int(m.group(1)))
-                if part.suffix == ".parquet" and not _has_parquet_footer(part):
-                    part.rename(part.with_name(part.name + ".incomplete"))
+                if part.name.endswith(".parquet") and not part.name.startswith("_") and not _has_parquet_footer(part):
+                    part.rename(part.with_name(f"_{part.name}.incomplete"))  # pyarrow skips names starting with _
         return self.rollouts_dir / f"part-{max(numbers) + 1:05d}.parquet"
 
     def close(self) -> None:

@@ -62,8 +62,10 @@ def test_reward_plot_draws_each_reward_name(tmp_path):
     run = RunFolder(tmp_path)
     assert run.plot_rewards() is None  # nothing logged yet
     for i in range(1, 5):
-        run.log_metrics(i, {**reward_summary({"ocr": [i / 10, i / 5], "pickscore": [20.0 + i]}), "reward/ocr/std": None}
-                        if i == 2 else reward_summary({"ocr": [i / 10, i / 5], "pickscore": [20.0 + i]}))
+        metrics = reward_summary({"ocr": [i / 10, i / 5], "pickscore": [20.0 + i]})
+        if i == 2:
+            metrics["reward/ocr/std"] = float("nan")  # logged as null, drawn as a gap in the band
+        run.log_metrics(i, metrics)
     path = run.plot_rewards()
     assert path == tmp_path / "reward_curve.png"
     with Image.open(path) as image:
@@ -81,7 +83,8 @@ def test_sample_grid_has_a_cell_per_image_with_a_label(tmp_path):
         grid = np.asarray(grid.convert("RGB"))
     cell_width = grid.shape[1] // 3  # 5 images: 3 columns, 2 rows
     assert grid.shape[1] == 3 * cell_width and grid.shape[0] > 2 * 32
-    assert (grid[:32, :, 0] == 255).sum() == 3 * 32 * 32  # three red images in the first row
+    red = (grid[..., 0] == 255) & (grid[..., 1] == 0)
+    assert red[:32].sum() == 3 * 32 * 32 and red.sum() == 5 * 32 * 32  # three images in the first row
     cell_height = grid.shape[0] // 2
     label = grid[32:cell_height, :cell_width]
     assert (label < 128).any()  # text under the image
@@ -113,7 +116,7 @@ def test_a_part_left_open_by_a_killed_process_is_set_aside(tmp_path):
     with RunFolder(tmp_path) as resumed:
         resumed.append_rollouts(_rollouts(2, version=3))
     assert sorted(p.name for p in (tmp_path / "rollouts").iterdir()) == \
-        ["part-00000.parquet.incomplete", "part-00001.parquet"]
+        ["_part-00000.parquet.incomplete", "part-00001.parquet"]
     assert pq.read_table(tmp_path / "rollouts").column("policy_version").to_pylist() == [3, 3]
     killed.close()
 
