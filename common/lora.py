@@ -34,12 +34,7 @@ class LoraWeights:
 def attach_lora(transformer: torch.nn.Module, config: LoraConfig) -> list[torch.nn.Parameter]:
     """Add the adapter and return its trainable parameters, in float32 (the base may be
     bf16: optimiser state and updates of a low-rank delta need the precision)."""
-    from peft import LoraConfig as PeftLoraConfig
-
-    transformer.add_adapter(PeftLoraConfig(
-        r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
-        init_lora_weights="gaussian" if config.init == "gaussian" else True,
-    ))
+    transformer.add_adapter(_peft_config(config))
     params = [p for n, p in transformer.named_parameters() if "lora_" in n]
     if not params:
         raise LoraLoadError(f"lora.target_modules: {config.target_modules} matched no module of "
@@ -48,6 +43,13 @@ def attach_lora(transformer: torch.nn.Module, config: LoraConfig) -> list[torch.
         p.data = p.data.float()
         p.requires_grad_(True)
     return params
+
+
+def _peft_config(config: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
+                          init_lora_weights="gaussian" if config.init == "gaussian" else True)
 
 
 def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -99,10 +101,12 @@ def adapter_disabled(transformer):
         transformer.enable_adapters()
 
 
-def save_diffusers_lora(weights: LoraWeights, directory: str | Path) -> Path:
-    """Write the adapter where `StableDiffusion3Pipeline.load_lora_weights(directory)` loads it."""
+def save_diffusers_lora(weights: LoraWeights, config: LoraConfig, directory: str | Path) -> Path:
+    """Write the adapter where `StableDiffusion3Pipeline.load_lora_weights(directory)` loads it;
+    the LoRA config (alpha in particular, which sets the scale) travels in its metadata."""
     from diffusers import StableDiffusion3Pipeline
 
     directory = Path(directory)
-    StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=load_safetensors(weights.data))
+    StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=load_safetensors(weights.data),
+                                               transformer_lora_adapter_metadata=_peft_config(config).to_dict())
     return directory

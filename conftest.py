@@ -1,0 +1,57 @@
+"""Test-wide environment: fully offline, Ray on loopback only, and shared fixtures.
+
+The variables are set at import, before any test module imports Ray or a hub client:
+Ray reads them when it starts, huggingface_hub when it is imported.
+"""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray socket listens on 127.0.0.1
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ.pop("RAY_ADDRESS", None)  # never join a cluster the developer happens to run
+
+import diffusers  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.disable_progress_bar()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny SD3.5-architecture pipeline ("s"), built once per session and saved."""
+    from common.models import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-s", preset="s", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_model_dir):
+    """A factory of small, fast configs on the tiny model: tiny_config("train.beta=0", ...)."""
+    from common.config import load_config
+
+    base = [
+        f"model.path={tiny_model_dir}", "model.max_sequence_length=16", "sample.resolution=32",
+        "sample.train_steps=4", "sample.eval_steps=6", "sample.group_size=4", "sample.prompts_per_iteration=2",
+        "sample.batch_size=8", "train.micro_batch_size=4", "lora.rank=4", "lora.alpha=8",
+        "reward.weights={brightness: 1.0}", "run.num_torch_threads=1",
+    ]
+
+    def make(*overrides):
+        return load_config(None, base + list(overrides))
+
+    return make
