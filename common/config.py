@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
@@ -87,22 +87,31 @@ class LoraConfig:
 
 @dataclass
 class OcrConfig:
+    """OCR reward engine (services/reward/ocr.py): `rapidocr` (PP-OCR ONNX models inside
+    its wheel, onnxruntime; offline), `paddleocr` (the paper's engine; its PP-OCRv4
+    models from PaddleOCR's cache, or exported ones from `det_model_dir` and
+    `rec_model_dir`, given together) or `tesseract` (psm 7). `use_gpu` runs rapidocr on
+    onnxruntime-gpu or PaddleOCR on paddlepaddle-gpu."""
     engine: Literal["rapidocr", "paddleocr", "tesseract"] = "rapidocr"
     det_model_dir: Optional[str] = None
     rec_model_dir: Optional[str] = None
-    cls_model_dir: Optional[str] = None
     use_gpu: bool = False
 
 
 @dataclass
 class GenevalConfig:
+    """GenEval with a transformers detector: a Mask2Former COCO instance model and CLIP
+    for colours, each a hub id or a local path. `reward` is the number trained on:
+    `score` (partial credit, the paper's), `strict` or `correct` (the benchmark's 0/1)."""
     detector: str = "facebook/mask2former-swin-small-coco-instance"
     clip: str = "openai/clip-vit-large-patch14"
     device: str = "auto"
+    reward: Literal["score", "strict", "correct"] = "score"
 
 
 @dataclass
 class PickScoreConfig:
+    """PickScore: CLIP-H processor and the PickScore_v1 CLIPModel (hub ids or local paths)."""
     processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     model: str = "yuvalkirstain/PickScore_v1"
     device: str = "auto"
@@ -111,8 +120,12 @@ class PickScoreConfig:
 @dataclass
 class RewardConfig:
     """`weights` picks the scorers and their weights in the total. `endpoints` maps a
-    scorer name to a remote gRPC service (`grpc://host:port`) that is used in place of
-    the in-process scorer."""
+    scorer name to a remote gRPC service (`grpc://host:port`, started with
+    `flowgrpo serve-reward`) that is used in place of the in-process scorer. Each
+    scorer call covers `batch_size` images, must answer within `timeout_s` and is
+    retried `retries` times before its groups are dropped."""
+    SCORER_NAMES: ClassVar[tuple[str, ...]] = ("ocr", "geneval", "pickscore", "jpeg_compressibility", "brightness")
+
     weights: dict[str, float] = field(default_factory=lambda: {"geneval": 1.0})
     endpoints: dict[str, str] = field(default_factory=dict)
     num_workers: int = 1
@@ -206,15 +219,29 @@ class Config:
         _check(lora.rank >= 1, "lora.rank", "must be at least 1")
         _check(lora.alpha > 0, "lora.alpha", "must be positive")
         _check(len(lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
-        _check(len(self.reward.weights) > 0, "reward.weights", "must name at least one scorer, e.g. {jpeg_compressibility: 1.0}")
-        for name, w in self.reward.weights.items():
-            _check(w == w and w != float("inf"), f"reward.weights.{name}", "must be a finite number")
-        for name, address in self.reward.endpoints.items():
+        rw = self.reward
+        _check(len(rw.weights) > 0, "reward.weights", "must name at least one scorer, e.g. {jpeg_compressibility: 1.0}")
+        for name, w in rw.weights.items():
+            _check(name in rw.SCORER_NAMES, f"reward.weights.{name}", f"unknown scorer; known: {', '.join(rw.SCORER_NAMES)}")
+            _check(w == w and abs(w) != float("inf"), f"reward.weights.{name}", "must be a finite number")
+        for name, address in rw.endpoints.items():
             _check(address.startswith("grpc://") and ":" in address[len("grpc://"):], f"reward.endpoints.{name}",
                    f"must look like grpc://host:port, got {address!r}")
-        _check(self.reward.num_workers >= 1, "reward.num_workers", "must be at least 1")
-        _check(self.reward.retries >= 0, "reward.retries", "must be >= 0")
-        _check(self.reward.timeout_s > 0, "reward.timeout_s", "must be positive")
+            _check(name in rw.weights, f"reward.endpoints.{name}", f"is not a scorer of reward.weights ({', '.join(rw.weights)})")
+        local = [name for name in rw.weights if name not in rw.endpoints]
+        if "ocr" in local:
+            _check((rw.ocr.det_model_dir is None) == (rw.ocr.rec_model_dir is None), "reward.ocr.det_model_dir",
+                   "give reward.ocr.det_model_dir and reward.ocr.rec_model_dir together, or neither")
+            _check(not rw.ocr.use_gpu or rw.num_gpus > 0, "reward.ocr.use_gpu", "needs reward.num_gpus > 0")
+        for name in ("geneval", "pickscore"):
+            device = getattr(rw, name).device
+            _check(name not in local or not device.startswith("cuda") or rw.num_gpus > 0,
+                   f"reward.{name}.device", f"{device!r} needs reward.num_gpus > 0 (or use auto or cpu)")
+        _check(rw.num_workers >= 1, "reward.num_workers", "must be at least 1")
+        _check(rw.num_gpus >= 0 and rw.num_cpus >= 0, "reward.num_gpus", "resources must be >= 0")
+        _check(rw.batch_size >= 1, "reward.batch_size", "must be at least 1")
+        _check(rw.retries >= 0, "reward.retries", "must be >= 0")
+        _check(rw.timeout_s > 0, "reward.timeout_s", "must be positive")
         _check(self.rollout.num_workers >= 1, "rollout.num_workers", "must be at least 1")
         _check(self.rollout.num_gpus >= 0 and self.rollout.num_cpus >= 0, "rollout.num_gpus", "resources must be >= 0")
         _check(self.model.max_sequence_length >= 1, "model.max_sequence_length", "must be at least 1")
