@@ -12,6 +12,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray socket listen
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.pop("RAY_ADDRESS", None)  # never join a cluster the developer happens to run
+os.environ["RAY_metrics_report_interval_ms"] = "500"  # dashboard gauges show up within a second
 
 import diffusers  # noqa: E402
 import pytest  # noqa: E402
@@ -55,3 +56,19 @@ def tiny_config(tiny_model_dir):
         return load_config(None, base + list(overrides))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster on loopback for the whole session (starting one costs seconds).
+    Logical CPUs: enough for 2 rollout workers, a learner and a reward worker of the tests."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=port, log_to_driver=False)
+    yield {"metrics_port": port}
+    ray.shutdown()

@@ -66,6 +66,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def is_hub_id(path: str) -> bool:
+    """`org/name`, as on the model hub (a local path that exists takes precedence)."""
+    return bool(_HUB_ID.fullmatch(path))
+
+
 def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   with_vae: bool = True):
     """Load a StableDiffusion3Pipeline from a local directory or a hub id, frozen.
@@ -74,7 +79,7 @@ def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device: str | t
     from diffusers import StableDiffusion3Pipeline
 
     extra = {} if with_vae else {"vae": None}
-    if not Path(path).is_dir() and not _HUB_ID.fullmatch(path):
+    if not Path(path).is_dir() and not is_hub_id(path):
         raise FileNotFoundError(f"model.path: directory {path} does not exist "
                                 "(build a tiny model there with `flowgrpo make-tiny-model DIR`)")
     try:

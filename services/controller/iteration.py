@@ -11,6 +11,7 @@ from common import wire
 from common.config import TrainConfig
 from common.grpo import group_advantages
 from common.prompts import PromptRecord
+from services.controller.run_folder import reward_summary
 
 
 def assign_advantages(data: pa.Table, train: TrainConfig) -> tuple[pa.Table, dict[str, float]]:
@@ -29,15 +30,15 @@ def assign_advantages(data: pa.Table, train: TrainConfig) -> tuple[pa.Table, dic
 
 
 def reward_stats(data: pa.Table) -> dict[str, float]:
-    """Mean and std of the total reward and of each scorer's reward."""
-    stats = {"reward_mean": float(np.mean(data.column("reward").to_numpy())),
-             "reward_std": float(np.std(data.column("reward").to_numpy()))}
+    """Mean and std of the weighted total (`reward_mean`, `reward_std`) and, under
+    `reward/<name>/mean|std`, of each scorer's reward (and of the total when there are
+    several scorers)."""
+    total = data.column("reward").to_numpy()
     rewards = data.column("rewards").combine_chunks()
-    for field in rewards.type:
-        values = rewards.field(field.name).to_numpy()
-        stats[f"reward/{field.name}_mean"] = float(np.mean(values))
-        stats[f"reward/{field.name}_std"] = float(np.std(values))
-    return stats
+    per_name = {field.name: rewards.field(field.name).to_numpy() for field in rewards.type}
+    if len(per_name) > 1:
+        per_name["total"] = total
+    return {"reward_mean": float(np.mean(total)), "reward_std": float(np.std(total)), **reward_summary(per_name)}
 
 
 def run_local_iteration(rollout, reward, learner, draws: Sequence[tuple[int, PromptRecord]], seed: int,

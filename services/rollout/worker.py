@@ -31,10 +31,14 @@ class RolloutWorker:
         self.negative = encode_prompts(self.pipe, [s.negative_prompt], config.model.max_sequence_length)
         self.train_schedule = sigma_schedule(self.pipe.scheduler, s.train_steps, self.device)
         self.eval_schedule = sigma_schedule(self.pipe.scheduler, s.eval_steps, self.device)
-        self.stats = {"images": 0, "seconds": 0.0}
+        self._busy_seconds = 0.0
 
     def ready(self) -> str:
         return self.name
+
+    def busy_seconds(self) -> float:
+        """Seconds spent generating since start (the controller diffs it per iteration)."""
+        return self._busy_seconds
 
     def set_weights(self, weights: LoraWeights) -> int:
         """Load a LoRA version published by the learner (digest and binding checked)."""
@@ -70,8 +74,7 @@ class RolloutWorker:
             latents=np.concatenate(latents), timesteps=np.tile(timesteps.cpu().numpy(), (len(rows_np), 1)),
             log_probs=np.concatenate(log_probs), policy_version=self.version, rollout_worker=self.name,
         )
-        self.stats["images"] += len(rows_np)
-        self.stats["seconds"] += time.perf_counter() - start
+        self._busy_seconds += time.perf_counter() - start
         return batch
 
     def evaluate(self, prompts: Sequence[str], seed: int) -> np.ndarray:

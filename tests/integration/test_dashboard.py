@@ -1,20 +1,11 @@
 """The controller's gauges reach Ray's Prometheus endpoint with the right tags and values."""
-import os
+import re
+import time
+import urllib.request
 
-# Before Ray starts: loopback only, no auth, no usage stats, and a fast metrics export
-# (the default 10 s report interval would make this test wait 10 s).
-os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-                  RAY_metrics_report_interval_ms="500")
+import pytest
 
-import re  # noqa: E402
-import socket  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-
-import pytest  # noqa: E402
-import ray  # noqa: E402
-
-from services.controller.dashboard import DashboardMetrics  # noqa: E402
+from services.controller.dashboard import DashboardMetrics
 
 pytestmark = pytest.mark.ray
 
@@ -22,14 +13,9 @@ _SAMPLE = re.compile(r"^ray_(flowgrpo_\w+)\{(.*)\} (\S+)$")
 
 
 @pytest.fixture(scope="module")
-def metrics_port():
-    """A local Ray cluster whose metrics agent serves Prometheus text on a free port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=1, include_dashboard=False, _metrics_export_port=port)
-    yield port
-    ray.shutdown()
+def metrics_port(ray_cluster):
+    """The session's Ray cluster, whose metrics agent serves Prometheus text on this port."""
+    return ray_cluster["metrics_port"]
 
 
 def _scrape(port: int) -> dict[tuple[str, str], float]:

@@ -1,0 +1,141 @@
+"""The `flowgrpo` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from services.controller.preflight import REPO_ROOT
+
+DEFAULT_CONFIG = REPO_ROOT / "deploy" / "configs" / "tiny_cpu.yaml"
+
+EPILOG = """\
+examples:
+  flowgrpo train                                   tiny CPU run on a local Ray cluster (a few minutes)
+  flowgrpo train --set run.iterations=50 --set rollout.num_workers=1
+  flowgrpo train --config deploy/configs/sd35_geneval.yaml --run-dir runs/geneval
+  flowgrpo train --resume runs/geneval             continue from the last checkpoint
+  flowgrpo make-tiny-model /tmp/tiny --preset m    the offline tiny SD3.5-architecture model
+  flowgrpo make-prompts geneval $FLOWGRPO_DATASETS/geneval/train_metadata.jsonl \
+      --avoid $FLOWGRPO_DATASETS/geneval/test_metadata.jsonl
+  flowgrpo serve-reward --scorer ocr --port 50051  a scorer behind gRPC, in its own process
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowgrpo", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Flow-GRPO: online RL for flow-matching text-to-image models, as an actor-learner job on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a LoRA with Flow-GRPO",
+                           description="Train a LoRA with Flow-GRPO. With no --config, runs the tiny CPU default "
+                                       f"({DEFAULT_CONFIG.relative_to(REPO_ROOT)}) on a local Ray cluster.")
+    train.add_argument("--config", type=Path, help="YAML config (default: the tiny CPU config)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value by its dotted YAML path, e.g. run.iterations=20 (repeatable)")
+    train.add_argument("--run-dir", type=Path, help="run folder (default: runs/<run.name>-<time>)")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                       help="continue the run in RUN_DIR from its last checkpoint (its config.yaml is used)")
+    train.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local cluster)")
+
+    tiny = sub.add_parser("make-tiny-model", help="build the offline tiny SD3.5-architecture model",
+                          description="Build a tiny pipeline of the SD3.5 classes with random weights, offline, "
+                                      "and save it where model.path can point.")
+    tiny.add_argument("directory", type=Path)
+    tiny.add_argument("--preset", choices=["s", "m"], default="s", help="s: 2 layers (fast), m: 4 layers")
+    tiny.add_argument("--seed", type=int, default=0)
+
+    prompts = sub.add_parser("make-prompts", help="generate GenEval-style training prompts",
+                             description="Write GenEval-style training metadata (JSONL, the format of GenEval's "
+                                         "test_metadata.jsonl) drawn from the 80 COCO classes, colours and "
+                                         "relations: the paper's GenEval training split is not published.")
+    prompts.add_argument("kind", choices=["geneval"])
+    prompts.add_argument("output", type=Path, help="the JSONL file to write")
+    prompts.add_argument("--n", type=int, default=50_000, help="number of prompts (default 50000)")
+    prompts.add_argument("--seed", type=int, default=0)
+    prompts.add_argument("--avoid", type=Path, metavar="JSONL",
+                         help="a metadata file whose prompts must not appear (e.g. the test set)")
+
+    serve = sub.add_parser("serve-reward", help="run one scorer behind a gRPC service",
+                           description="Serve one scorer over gRPC (images as PNG), for scorers that need their "
+                                       "own process or environment. Use it from a run with "
+                                       "reward.endpoints: {NAME: grpc://HOST:PORT}.")
+    serve.add_argument("--scorer", required=True, help="scorer name, e.g. ocr, geneval, pickscore, brightness")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--config", type=Path, help="YAML config whose reward section configures the scorer")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def _train(args) -> int:
+    from common.config import load_config
+    from services.controller.preflight import prepare
+    from services.controller.trainer import train
+
+    if args.resume:
+        config_path = args.resume / "config.yaml"
+        run_dir = args.resume
+    else:
+        config_path = args.config or DEFAULT_CONFIG
+        run_dir = None
+    config = load_config(config_path, args.overrides)
+    if run_dir is None:
+        run_dir = args.run_dir or Path("runs") / f"{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = prepare(config)
+    print(f"flowgrpo: run folder {run_dir}", file=sys.stderr)
+    history = train(config, run_dir, resume=args.resume is not None, address=args.address)
+    if history:
+        first, last = history[0]["reward_mean"], history[-1]["reward_mean"]
+        print(f"flowgrpo: reward mean {first:.4f} -> {last:.4f} over {len(history)} iterations; "
+              f"LoRA in {Path(run_dir) / 'lora'}", file=sys.stderr)
+    return 0
+
+
+def _make_prompts(args) -> int:
+    import json
+
+    from common.prompts import generate_geneval_prompts, load_prompts
+
+    avoid = {r.prompt for r in load_prompts(args.avoid, "geneval")} if args.avoid else set()
+    records = generate_geneval_prompts(args.n, args.seed, avoid=avoid)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("".join(json.dumps(r.metadata) + "\n" for r in records))
+    print(f"flowgrpo: {len(records)} GenEval prompts written to {args.output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from common.config import ConfigError
+    from common.lora import LoraLoadError
+    from common.prompts import PromptFileError
+
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "make-tiny-model":
+            from common.models import make_tiny_model
+
+            path = make_tiny_model(args.directory, args.preset, args.seed)
+            print(f"flowgrpo: tiny model ({args.preset}, seed {args.seed}) saved in {path}")
+            return 0
+        if args.command == "make-prompts":
+            return _make_prompts(args)
+        if args.command == "serve-reward":
+            from common.config import load_config
+            from services.reward.grpc_service import run_server
+
+            config = load_config(args.config, args.overrides)
+            run_server(args.scorer, config.reward, host=args.host, port=args.port)
+            return 0
+    except (ConfigError, PromptFileError, LoraLoadError, FileNotFoundError) as err:
+        print(f"flowgrpo: error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

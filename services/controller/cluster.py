@@ -1,0 +1,108 @@
+"""Resourcing: connecting to Ray, checking the cluster can hold the config, and starting
+the workers as actors (each rollout worker in its own one-bundle placement group).
+
+The workers themselves are plain classes; this is the only module that turns them into
+Ray actors, so everything about placement lives here.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from common.config import Config, ConfigError
+
+LOOPBACK_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every Ray socket listens on 127.0.0.1
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def connect(address: str | None = None) -> bool:
+    """Join the cluster at `address` (or $RAY_ADDRESS, as `ray job submit` sets it), reuse
+    a Ray already initialised in this process, or start a local one on loopback.
+    Returns True when the caller owns the connection and must `ray.shutdown()` it."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True
+    for key, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    return True
+
+
+def _bundle(num_cpus: float, num_gpus: float) -> dict[str, float]:
+    bundle = {"CPU": num_cpus}
+    if num_gpus:
+        bundle["GPU"] = num_gpus
+    return bundle
+
+
+def check_resources(config: Config) -> None:
+    """Fail before any actor starts when the cluster cannot place the config."""
+    have = ray.cluster_resources()
+    r, lr, rw = config.rollout, config.learner, config.reward
+    for kind in ("CPU", "GPU"):
+        key = "num_cpus" if kind == "CPU" else "num_gpus"
+        parts = {
+            f"rollout.num_workers x rollout.{key}": r.num_workers * getattr(r, key),
+            f"learner.{key}": getattr(lr, key),
+            f"reward.num_workers x reward.{key}": rw.num_workers * getattr(rw, key),
+        }
+        need = sum(parts.values())
+        if need > have.get(kind, 0) + 1e-9:
+            detail = ", ".join(f"{k} = {v:g}" for k, v in parts.items())
+            raise ConfigError(f"rollout.num_workers: the config needs {need:g} {kind} ({detail}) but the cluster "
+                              f"has {have.get(kind, 0):g}: lower rollout.num_workers or the per-worker "
+                              f"{key}, or add nodes")
+
+
+@dataclass
+class RolloutHandle:
+    name: str
+    actor: ray.actor.ActorHandle
+    group: object  # the placement group
+
+
+def start_rollout_worker(worker_cls, config: Config, index: int, timeout_s: float = 120.0) -> RolloutHandle:
+    """One rollout actor in its own placement group of one bundle, so workers can be
+    added or removed one by one. Restarted by Ray when its process dies."""
+    r = config.rollout
+    group = placement_group([_bundle(r.num_cpus, r.num_gpus)], strategy="STRICT_PACK")
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        raise ConfigError(f"rollout.num_workers: the placement group of rollout worker {index} "
+                          f"({_bundle(r.num_cpus, r.num_gpus)}) was not placed within {timeout_s:g} s")
+    name = f"rollout-{index}"
+    actor = ray.remote(worker_cls).options(
+        num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=-1, max_task_retries=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+    ).remote(config, name)
+    return RolloutHandle(name, actor, group)
+
+
+def start_learner(learner_cls, config: Config):
+    lr = config.learner
+    return ray.remote(learner_cls).options(num_cpus=lr.num_cpus, num_gpus=lr.num_gpus).remote(config)
+
+
+def start_reward_worker(worker_cls, config: Config, runtime_env: dict | None = None):
+    rw = config.reward
+    options = dict(num_cpus=rw.num_cpus, num_gpus=rw.num_gpus, max_restarts=-1, max_task_retries=0)
+    if runtime_env:
+        options["runtime_env"] = runtime_env
+    return ray.remote(worker_cls).options(**options).remote(rw)
+
+
+def stop(handles: list[RolloutHandle]) -> None:
+    for h in handles:
+        ray.kill(h.actor, no_restart=True)
+        remove_placement_group(h.group)

@@ -1,0 +1,292 @@
+"""The sync training loop (the paper's schedule): rollout, score, advantages, update,
+publish the new LoRA, repeat.
+
+Per iteration the controller draws `sample.prompts_per_iteration` prompts and cuts them
+into rollout calls of whole groups, spread over the rollout workers. Each finished
+rollout chunk goes to a reward worker at once (scoring overlaps the remaining rollouts);
+the controller computes group advantages, the learner updates, and the new LoRA is put
+into the object store once and loaded by every rollout worker, which checks digest,
+version and binding. A lost chunk (worker died, call timed out) is re-sampled on another
+worker; a group whose scoring failed is dropped and counted, never zero-filled.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from tqdm import tqdm
+
+from common import wire
+from common.config import Config
+from common.lora import save_diffusers_lora
+from common.prompts import PromptStream, load_prompts, resolve_prompt_path
+from services.controller import cluster
+from services.controller.dashboard import DashboardMetrics
+from services.controller.iteration import assign_advantages, reward_stats
+from services.controller.run_folder import RunFolder
+from services.learner.learner import Learner
+from services.reward.worker import RewardWorker
+from services.rollout.worker import RolloutWorker
+
+CHUNK_RETRIES = 3
+CONTROLLER_STATE = "controller.json"
+LEARNER_STATE = "learner.pt"
+
+
+@dataclass
+class Chunk:
+    """One rollout call: whole groups of consecutive draws, with its own seed."""
+    index: int
+    draws: list
+    seed: int
+    attempts: int = 0
+    worker: int = -1
+    started: float = field(default=0.0)
+
+
+class SyncTrainer:
+    def __init__(self, config: Config, run_dir: str | Path, resume: bool = False):
+        self.config = config
+        self.folder = RunFolder(run_dir)
+        records = load_prompts(resolve_prompt_path(config.prompts.train), config.prompts.format)
+        self.stream = PromptStream(records, config.run.seed)
+        self.eval_records = (load_prompts(resolve_prompt_path(config.prompts.eval), config.prompts.format)
+                             if config.prompts.eval else records)
+        self.start_iteration = 0
+        self.resume = resume
+        self.rollouts: list[cluster.RolloutHandle] = []
+        self._next_reward = 0
+
+    # ------------------------------------------------------------------ set-up
+
+    def start(self) -> None:
+        cluster.check_resources(self.config)
+        self.dashboard = DashboardMetrics()
+        self.dashboard.set_phase("starting")
+        self.learner = cluster.start_learner(Learner, self.config)
+        self.rewards = [cluster.start_reward_worker(RewardWorker, self.config)
+                        for _ in range(self.config.reward.num_workers)]
+        self.rollouts = [cluster.start_rollout_worker(RolloutWorker, self.config, i)
+                         for i in range(self.config.rollout.num_workers)]
+        ray.get([self.learner.ready.remote()] + [w.ready.remote() for w in self.rewards]
+                + [h.actor.ready.remote() for h in self.rollouts])
+        if self.resume:
+            self._restore()
+        else:
+            self.folder.write_config(self.config)
+        self._publish_weights()
+
+    def stop(self) -> None:
+        if self.rollouts:
+            cluster.stop(self.rollouts)
+            self.rollouts = []
+        self.folder.close()
+        if hasattr(self, "dashboard"):
+            self.dashboard.close()
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> list[dict]:
+        """Run to `run.iterations`; returns the logged metrics of this process's iterations."""
+        history = []
+        cfg = self.config.run
+        bar = tqdm(range(self.start_iteration, cfg.iterations), initial=self.start_iteration, total=cfg.iterations,
+                   desc="flowgrpo", unit="it", dynamic_ncols=True)
+        for it in bar:
+            metrics = self.iteration(it)
+            history.append(metrics)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}", step=f"{metrics['time/iteration']:.1f}s")
+            done = it + 1
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+                self.checkpoint(done)
+        self.save_final_lora()
+        return history
+
+    def iteration(self, it: int) -> dict[str, float]:
+        start = time.perf_counter()
+        self.dashboard.set_iteration(it)
+        data, metrics = self.collect(it)
+        data, adv_stats = assign_advantages(data, self.config.train)
+        metrics.update(adv_stats)
+        metrics.update(reward_stats(data))
+
+        self.dashboard.set_phase("learn")
+        t = time.perf_counter()
+        learner_data = data.drop_columns(["image"])  # the learner needs latents, not pixels
+        metrics.update(ray.get(self.learner.train.remote(learner_data), timeout=self.config.learner.timeout_s))
+        metrics["time/learn"] = time.perf_counter() - t
+
+        self.dashboard.set_phase("weight_sync")
+        t = time.perf_counter()
+        self._publish_weights()
+        metrics["time/weight_sync"] = time.perf_counter() - t
+
+        self._log(it, data, metrics, start)
+        return metrics
+
+    def collect(self, it: int) -> tuple[pa.Table, dict[str, float]]:
+        """Rollouts of one iteration, each chunk scored as soon as it arrives."""
+        self.dashboard.set_phase("rollout")
+        start = time.perf_counter()
+        busy_before = self._rollout_busy_seconds()
+        chunks = self._plan_chunks(it)
+        pending: dict[ray.ObjectRef, Chunk] = {}
+        scoring: dict[ray.ObjectRef, Chunk] = {}
+        for k, chunk in enumerate(chunks):
+            self._dispatch(chunk, k % len(self.rollouts), pending)
+        scored, failures, lost = [], [], 0
+        rollout_done = start
+        while pending or scoring:
+            self.dashboard.set_queue_depth("rollout", len(pending))
+            self.dashboard.set_queue_depth("reward", len(scoring))
+            ready, _ = ray.wait(list(pending) + list(scoring), num_returns=1, timeout=1.0)
+            for ref in ready:
+                if ref in pending:
+                    # The batch goes to a reward worker by reference: it never passes through
+                    # the driver. If the rollout failed, the scoring call fails with its error.
+                    chunk = pending.pop(ref)
+                    reward_worker = self.rewards[self._next_reward % len(self.rewards)]
+                    self._next_reward += 1
+                    scoring[reward_worker.score.remote(ref)] = chunk
+                    if not pending:
+                        rollout_done = time.perf_counter()
+                else:
+                    chunk = scoring.pop(ref)
+                    try:
+                        batch, failed = ray.get(ref)
+                    except (RayActorError, RayTaskError) as err:  # rollout or reward worker died
+                        lost += self._retry(chunk, err, pending)
+                        continue
+                    scored.append((chunk.index, batch))
+                    failures.extend(failed)
+            lost += self._expire(pending)
+        # Chunk order, not arrival order: the learner's batch is then the same in every run.
+        scored = [batch for _, batch in sorted(scored, key=lambda pair: pair[0]) if batch.num_rows]
+        if not scored:
+            raise RuntimeError(f"iteration {it}: every group was lost or failed scoring "
+                               f"({len(failures)} scoring failures, e.g. {failures[:1]}); see the worker logs")
+        end = time.perf_counter()
+        busy = max(a - b for a, b in zip(self._rollout_busy_seconds(), busy_before))
+        images = sum(b.num_rows for b in scored)
+        metrics = {
+            "time/rollout": rollout_done - start, "time/reward_tail": end - rollout_done,
+            "time/rollout_compute": busy, "images_per_second": images / max(rollout_done - start, 1e-9),
+            "groups_failed_scoring": float(len(failures)), "chunks_resampled": float(lost),
+            "images": float(images),
+        }
+        self.dashboard.set_images_per_second(metrics["images_per_second"])
+        return wire.concat(scored), metrics
+
+    # ------------------------------------------------------------------ chunks and faults
+
+    def _plan_chunks(self, it: int) -> list[Chunk]:
+        """Whole groups per call, about `sample.batch_size` images each (at least one group)."""
+        s = self.config.sample
+        draws = self.stream.next_batch(s.prompts_per_iteration)
+        per_call = max(1, s.batch_size // s.group_size)
+        seed_base = (self.config.run.seed * 1_000_003 + it) * 1_000
+        return [Chunk(k, draws[i:i + per_call], seed_base + i) for k, i in enumerate(range(0, len(draws), per_call))]
+
+    def _dispatch(self, chunk: Chunk, worker: int, pending: dict) -> None:
+        chunk.worker, chunk.started = worker, time.perf_counter()
+        prompts = [r.prompt for _, r in chunk.draws]
+        ref = self.rollouts[worker].actor.generate.remote(
+            prompts, [i for i, _ in chunk.draws], [r.metadata for _, r in chunk.draws], chunk.seed)
+        pending[ref] = chunk
+
+    def _retry(self, chunk: Chunk, err: Exception, pending: dict) -> int:
+        """Re-sample a lost chunk on the next worker; the failed one is restarted by Ray
+        and gets the current weights before its next call."""
+        chunk.attempts += 1
+        if chunk.attempts > CHUNK_RETRIES:
+            raise RuntimeError(f"a rollout chunk failed {chunk.attempts} times; last error: {err}") from err
+        failed = self.rollouts[chunk.worker]
+        failed.actor.set_weights.remote(self._weights_ref)
+        self._dispatch(chunk, (chunk.worker + 1) % len(self.rollouts), pending)
+        return 1
+
+    def _expire(self, pending: dict) -> int:
+        """Cancel and re-sample calls that ran past `rollout.timeout_s`."""
+        now, expired = time.perf_counter(), 0
+        for ref, chunk in list(pending.items()):
+            if now - chunk.started > self.config.rollout.timeout_s:
+                ray.cancel(ref, force=True)
+                del pending[ref]
+                expired += self._retry(chunk, GetTimeoutError(f"rollout call exceeded rollout.timeout_s="
+                                                              f"{self.config.rollout.timeout_s}"), pending)
+        return expired
+
+    def _rollout_busy_seconds(self) -> list[float]:
+        return ray.get([h.actor.busy_seconds.remote() for h in self.rollouts])
+
+    # ------------------------------------------------------------------ weights
+
+    def _publish_weights(self) -> None:
+        """Put the learner's LoRA into the object store once; every rollout worker loads
+        it and reports the version it now holds."""
+        self._weights_ref = self.learner.weights.remote()
+        versions = ray.get([h.actor.set_weights.remote(self._weights_ref) for h in self.rollouts],
+                           timeout=self.config.rollout.timeout_s)
+        for h, v in zip(self.rollouts, versions):
+            self.dashboard.set_worker_version(h.name, v)
+        self.versions = dict(zip((h.name for h in self.rollouts), versions))
+
+    def save_final_lora(self) -> Path:
+        weights = ray.get(self.learner.weights.remote(ema=True))
+        return save_diffusers_lora(weights, self.config.lora, self.folder.lora_dir)
+
+    # ------------------------------------------------------------------ logging, checkpoints
+
+    def _log(self, it: int, data: pa.Table, metrics: dict, start: float) -> None:
+        wall = time.perf_counter() - start
+        compute = metrics["time/rollout_compute"] + metrics["time/reward_tail"] + metrics.get("learn_seconds", 0.0)
+        metrics["time/iteration"] = wall
+        metrics["overhead_fraction"] = max(0.0, wall - compute) / wall
+        metrics["policy_version"] = float(min(self.versions.values()))
+        self.dashboard.set_reward_means({k.split("/")[1]: v for k, v in metrics.items()
+                                         if k.startswith("reward/") and k.endswith("/mean")})
+        self.folder.log_metrics(it, metrics)
+        self.folder.append_rollouts(data)
+        self.folder.plot_rewards()
+        every = self.config.run.sample_images_every
+        if every and it % every == 0:
+            head = data.slice(0, min(16, data.num_rows))
+            self.folder.save_sample_grid(it, wire.tensor_column(head, "image"), head.column("prompt").to_pylist(),
+                                         head.column("reward").to_pylist())
+
+    def checkpoint(self, done: int) -> Path:
+        """Everything a resumed run needs to give the same next iteration: learner state
+        (LoRA, optimizer, EMA, RNG, version) and the prompt stream's position."""
+        directory = self.folder.checkpoint_dir(done)
+        torch.save(ray.get(self.learner.state_dict.remote()), directory / LEARNER_STATE)
+        (directory / CONTROLLER_STATE).write_text(json.dumps({"iteration": done, "stream": self.stream.state()}))
+        return directory
+
+    def _restore(self) -> None:
+        directory = self.folder.latest_checkpoint()
+        if directory is None:
+            raise FileNotFoundError(f"--resume {self.folder.path}: no checkpoint in {self.folder.path / 'checkpoints'}")
+        state = json.loads((directory / CONTROLLER_STATE).read_text())
+        ray.get(self.learner.load_state_dict.remote(torch.load(directory / LEARNER_STATE, weights_only=False)))
+        self.stream.restore(state["stream"])
+        self.start_iteration = state["iteration"]
+        self.folder.truncate_after(self.start_iteration - 1)
+
+
+def train(config: Config, run_dir: str | Path, resume: bool = False, address: str | None = None) -> list[dict]:
+    """Connect to (or start) Ray, train, and stop what was started."""
+    owns_ray = cluster.connect(address)
+    trainer = SyncTrainer(config, run_dir, resume)
+    try:
+        trainer.start()
+        return trainer.train()
+    finally:
+        trainer.stop()
+        if owns_ray:
+            ray.shutdown()

@@ -1,0 +1,112 @@
+"""The actor-learner system on the session's local Ray cluster, with the tiny model."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from common.config import ConfigError
+from common.lora import LoraLoadError
+from services.controller.preflight import prepare
+from services.controller.trainer import SyncTrainer, train
+
+pytestmark = pytest.mark.ray
+PROMPTS = Path(__file__).resolve().parents[1] / "fixtures" / "prompts" / "pickscore.txt"
+
+
+@pytest.fixture(scope="module")
+def ray_config(tiny_config, ray_cluster):
+    def make(*overrides):
+        return prepare(tiny_config(
+            f"prompts.train={PROMPTS}", "prompts.format=text", "rollout.num_workers=2", "rollout.num_gpus=0",
+            "rollout.num_cpus=0.5", "learner.num_gpus=0", "learner.num_cpus=0.5", "reward.num_cpus=0.25",
+            "sample.batch_size=4", "run.iterations=2", "run.checkpoint_every=1", "run.sample_images_every=1",
+            "train.learning_rate=1e-2", "train.ema_every=1", *overrides))
+    return make
+
+
+@pytest.fixture(scope="module")
+def two_iterations(ray_config, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    trainer = SyncTrainer(ray_config(), run_dir)
+    trainer.start()
+    try:
+        history = trainer.train()
+        versions = ray.get([h.actor.set_weights.remote(trainer._weights_ref) for h in trainer.rollouts])
+        learner_version = ray.get(trainer.learner.ready.remote())
+    finally:
+        trainer.stop()
+    return run_dir, history, versions, learner_version
+
+
+def test_every_worker_ends_on_the_learners_version(two_iterations):
+    _, history, versions, learner_version = two_iterations
+    assert learner_version == 2
+    assert versions == [2, 2]
+    assert [h["policy_version"] for h in history] == [1.0, 2.0]
+
+
+def test_first_learner_step_is_on_policy(two_iterations):
+    _, history, _, _ = two_iterations
+    assert history[0]["ratio_dev_before_update"] < 1e-5
+    assert all(np.isfinite(h["loss"]) for h in history)
+
+
+def test_run_folder_has_everything(two_iterations):
+    run_dir, history, _, _ = two_iterations
+    for name in ["config.yaml", "metrics.jsonl", "reward_curve.png", "samples/iter_000000.png",
+                 "samples/iter_000001.png", "checkpoints/iter_000001/learner.pt", "checkpoints/iter_000002/controller.json",
+                 "lora/pytorch_lora_weights.safetensors"]:
+        assert (run_dir / name).is_file(), name
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    for key in ["reward/brightness/mean", "reward/brightness/std", "advantage_mean", "zero_std_group_fraction",
+                "clip_fraction", "approx_kl", "kl", "loss", "grad_norm", "time/rollout", "time/reward_tail",
+                "time/learn", "time/weight_sync", "images_per_second", "overhead_fraction"]:
+        assert key in rows[-1], key
+    log = pq.read_table(run_dir / "rollouts")
+    assert log.num_rows == 2 * 2 * 4
+    assert "latents" not in log.column_names and "advantage" in log.column_names
+    assert sorted(set(log.column("policy_version").to_pylist())) == [0, 1]
+
+
+def test_final_lora_loads_into_the_stock_pipeline(two_iterations, tiny_model_dir):
+    from diffusers import StableDiffusion3Pipeline
+
+    run_dir, _, _, _ = two_iterations
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model_dir)
+    base = pipe("a cat", num_inference_steps=2, height=32, width=32, max_sequence_length=16,
+                generator=torch.Generator().manual_seed(0), output_type="np").images
+    pipe.load_lora_weights(str(run_dir / "lora"))
+    tuned = pipe("a cat", num_inference_steps=2, height=32, width=32, max_sequence_length=16,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert not np.array_equal(base, tuned)
+
+
+def test_resume_gives_the_same_next_iteration(ray_config, two_iterations, tmp_path):
+    run_dir, history, _, _ = two_iterations
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    # a copy of the run as it stood after iteration 1: config, metrics of iteration 0, checkpoint 1
+    (resumed_dir / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    (resumed_dir / "checkpoints").mkdir()
+    import shutil
+    shutil.copytree(run_dir / "checkpoints" / "iter_000001", resumed_dir / "checkpoints" / "iter_000001")
+    again = train(ray_config(), resumed_dir, resume=True)
+    assert len(again) == 1
+    for key in ["reward_mean", "loss", "grad_norm", "policy_version"]:
+        assert again[0][key] == history[1][key], key
+
+
+def test_too_many_rollout_workers_fail_before_training(ray_config, tmp_path):
+    with pytest.raises(ConfigError, match="rollout.num_workers"):
+        train(ray_config("rollout.num_workers=8"), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_missing_model_path_names_the_field(tiny_config, tmp_path):
+    with pytest.raises((ConfigError, FileNotFoundError), match="model.path"):
+        prepare(tiny_config(f"model.path={tmp_path / 'missing'}"))
