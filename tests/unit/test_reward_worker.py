@@ -1,0 +1,194 @@
+"""The reward worker: weighted totals, groups dropped (never zero-filled) when a scorer
+fails, times out or returns NaN, retries, metrics; and the scorer registry."""
+import time
+
+import numpy as np
+import pytest
+
+from common.config import ConfigError, GenevalConfig, OcrConfig, RewardConfig, load_config
+from common.wire import make_rollout_batch
+from services.reward import worker as worker_module
+from services.reward.base import ScoreOutput, Scorer
+from services.reward.image_rewards import Brightness, JpegCompressibility
+from services.reward.scorers import SCORERS, build_scorer, scorer_needs
+from services.reward.worker import GroupFailure, RewardWorker
+
+
+def rollout_batch(groups=(0, 0, 1, 1, 2, 2), size=16, seed=0):
+    n = len(groups)
+    images = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    for i, g in enumerate(groups):
+        images[i, ..., 0] = 40 * g  # the red channel tells a scorer which group an image is from
+    return make_rollout_batch(
+        prompts=[f'prompt {g} "x"' for g in groups], prompt_index=list(groups), metadata=[{"g": g} for g in groups],
+        images=images, latents=np.zeros((n, 2, 1, 1, 1), np.float32), timesteps=np.ones((n, 1)),
+        log_probs=np.zeros((n, 1)), policy_version=3, rollout_worker="w0")
+
+
+def group_of(image):
+    return int(image[0, 0, 0]) // 40
+
+
+class FailsOnGroup1(Scorer):
+    name = "fails_on_group1"
+    calls = 0
+
+    def __init__(self, config):
+        self.engine = "test"
+
+    def _score(self, images, prompts, metadata):
+        type(self).calls += 1
+        if any(group_of(im) == 1 for im in images):
+            raise RuntimeError("cannot score group 1")
+        return ScoreOutput(scores=np.ones(len(images)), details=[{} for _ in images])
+
+
+class NanOnGroup2(Scorer):
+    name = "nan_on_group2"
+
+    def __init__(self, config):
+        self.engine = "test"
+
+    def _score(self, images, prompts, metadata):
+        scores = [np.nan if group_of(im) == 2 else 0.5 for im in images]
+        return ScoreOutput(scores=np.array(scores), details=[{"error": "no text"} for _ in images])
+
+
+class Slow(Scorer):
+    name = "slow"
+
+    def __init__(self, config):
+        self.engine = "test"
+
+    def _score(self, images, prompts, metadata):
+        time.sleep(1.0)
+        return ScoreOutput(scores=np.zeros(len(images)), details=[{} for _ in images])
+
+
+@pytest.fixture(autouse=True)
+def test_scorers(monkeypatch):
+    monkeypatch.setattr(worker_module, "RETRY_BACKOFF_S", 0.0)
+    for cls in (FailsOnGroup1, NanOnGroup2, Slow):
+        monkeypatch.setitem(SCORERS, cls.name, cls)
+
+
+def test_weights_combine_as_configured():
+    batch = rollout_batch()
+    worker = RewardWorker(RewardConfig(weights={"brightness": 2.0, "jpeg_compressibility": 0.5}))
+    assert worker.ready()
+    scored, failures = worker.score(batch)
+    assert failures == [] and scored.num_rows == batch.num_rows
+    images = list(np.asarray(batch.column("image").to_numpy_ndarray()))
+    bright = Brightness(RewardConfig()).score(images, [""] * 6, [{}] * 6).scores
+    jpeg = JpegCompressibility(RewardConfig()).score(images, [""] * 6, [{}] * 6).scores
+    rewards = scored.column("rewards")
+    np.testing.assert_allclose(rewards.field("brightness").to_numpy(), bright)
+    np.testing.assert_allclose(rewards.field("jpeg_compressibility").to_numpy(), jpeg)
+    np.testing.assert_allclose(scored.column("reward").to_numpy(), 2.0 * bright + 0.5 * jpeg)
+    assert scored.column("policy_version").to_pylist() == [3] * 6  # the rest of the row travels on
+
+
+def test_a_failing_scorer_fails_its_group_only():
+    FailsOnGroup1.calls = 0
+    worker = RewardWorker(RewardConfig(weights={"brightness": 1.0, "fails_on_group1": 1.0}, batch_size=2, retries=2))
+    scored, failures = worker.score(rollout_batch())
+    assert scored.column("prompt_index").to_pylist() == [0, 0, 2, 2]
+    assert failures == [GroupFailure(1, "fails_on_group1", failures[0].reason)]
+    assert "failed 3 time(s)" in failures[0].reason and "cannot score group 1" in failures[0].reason
+    assert FailsOnGroup1.calls == 1 + 3 + 1  # group 1's call was tried once and retried twice
+    m = worker.metrics()
+    assert m["fails_on_group1/failed_calls"] == 1 and m["fails_on_group1/retries"] == 2
+    assert m["failed_groups"] == 1
+
+
+def test_a_failed_call_fails_every_group_in_it():
+    worker = RewardWorker(RewardConfig(weights={"fails_on_group1": 1.0}, batch_size=4, retries=0))
+    scored, failures = worker.score(rollout_batch())
+    assert scored.column("prompt_index").to_pylist() == [2, 2]
+    assert sorted(f.prompt_index for f in failures) == [0, 1]
+
+
+def test_nan_fails_the_group_with_the_scorers_reason():
+    worker = RewardWorker(RewardConfig(weights={"nan_on_group2": 1.0}))
+    scored, failures = worker.score(rollout_batch())
+    assert scored.column("prompt_index").to_pylist() == [0, 0, 1, 1]
+    assert [(f.prompt_index, f.scorer) for f in failures] == [(2, "nan_on_group2")]
+    assert "NaN" in failures[0].reason and "no text" in failures[0].reason
+    assert worker.metrics()["nan_on_group2/nan_scores"] == 2
+
+
+def test_a_call_past_the_timeout_fails_its_groups():
+    worker = RewardWorker(RewardConfig(weights={"slow": 1.0}, timeout_s=0.2, retries=0))
+    started = time.perf_counter()
+    scored, failures = worker.score(rollout_batch(groups=(0, 0)))
+    assert time.perf_counter() - started < 0.9
+    assert scored.num_rows == 0
+    assert "timeout_s=0.2" in failures[0].reason
+
+
+def test_metrics_report_throughput_calls_and_engines():
+    worker = RewardWorker(RewardConfig(weights={"brightness": 1.0}, batch_size=4))
+    worker.score(rollout_batch())
+    m = worker.metrics()
+    assert m["brightness/calls"] == 2 and m["brightness/images_per_s"] > 0 and m["brightness/seconds_per_call"] > 0
+    assert m["brightness/engine/numpy-mean"] == 1.0
+    assert m["failed_groups"] == 0
+    assert worker.engines() == {"brightness": "numpy-mean"}
+
+
+def test_ocr_counts_reach_the_metrics():
+    worker = RewardWorker(RewardConfig(weights={"ocr": 1.0}))
+    batch = rollout_batch(groups=(0,), size=64)
+    worker.score(batch)
+    m = worker.metrics()
+    assert m["ocr/empty"] == 1 and m["ocr/engine_error"] == 0
+    assert any(key.startswith("ocr/engine/rapidocr-") for key in m)
+
+
+# ---------------------------------------------------------------- registry and needs
+
+def test_registry_knows_every_configurable_scorer(monkeypatch):
+    for name in (FailsOnGroup1.name, NanOnGroup2.name, Slow.name):
+        monkeypatch.delitem(SCORERS, name)
+    assert set(SCORERS) == set(RewardConfig.SCORER_NAMES)
+
+
+def test_unknown_scorer_is_a_clear_error():
+    with pytest.raises(ValueError, match="reward.weights.aesthetic: unknown scorer; known scorers: brightness"):
+        build_scorer("aesthetic", RewardConfig())
+
+
+def test_needs():
+    cpu = RewardConfig(num_gpus=1.0, num_cpus=2.0)
+    assert scorer_needs("brightness", cpu).num_gpus == 0.0
+    assert scorer_needs("ocr", cpu).pip == ["rapidocr>=3.4", "onnxruntime>=1.20"]
+    assert scorer_needs("ocr", cpu).num_gpus == 0.0
+    gpu_ocr = RewardConfig(num_gpus=1.0, ocr=OcrConfig(engine="paddleocr", use_gpu=True))
+    assert scorer_needs("ocr", gpu_ocr).pip == ["paddleocr>=3.0", "paddlepaddle-gpu>=3.0"]
+    assert scorer_needs("ocr", gpu_ocr).num_gpus == 1.0
+    assert scorer_needs("geneval", cpu).num_gpus == 1.0 and scorer_needs("geneval", cpu).num_cpus == 2.0
+    assert scorer_needs("geneval", RewardConfig(num_gpus=1.0, geneval=GenevalConfig(device="cpu"))).num_gpus == 0.0
+    remote = RewardConfig(num_gpus=1.0, endpoints={"geneval": "grpc://10.0.0.5:50051"})
+    assert scorer_needs("geneval", remote) == scorer_needs("brightness", remote)
+
+
+@pytest.mark.parametrize("overrides, field, words", [
+    (["reward.weights={aesthetic: 1.0}"], "reward.weights.aesthetic", "unknown scorer"),
+    (["reward.weights={brightness: .nan}"], "reward.weights.brightness", "finite"),
+    (["reward.endpoints={ocr: 'grpc://127.0.0.1:5000'}"], "reward.endpoints.ocr", "not a scorer of reward.weights"),
+    (["reward.weights={ocr: 1.0}", "reward.ocr.det_model_dir=/models/det"], "reward.ocr.det_model_dir", "together"),
+    (["reward.weights={ocr: 1.0}", "reward.ocr.use_gpu=true"], "reward.ocr.use_gpu", "num_gpus"),
+    (["reward.geneval.device=cuda"], "reward.geneval.device", "num_gpus"),
+    (["reward.batch_size=0"], "reward.batch_size", "at least 1"),
+    (["reward.geneval.reward=accuracy"], "reward.geneval.reward", "one of"),
+])
+def test_config_errors_name_the_field(overrides, field, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(field + ":") and words in str(err.value)
+
+
+def test_remote_scorers_skip_local_engine_checks():
+    config = load_config(None, ["reward.weights={ocr: 1.0}", "reward.ocr.use_gpu=true",
+                                "reward.endpoints={ocr: 'grpc://127.0.0.1:5000'}"])
+    assert config.reward.endpoints == {"ocr": "grpc://127.0.0.1:5000"}
