@@ -173,6 +173,7 @@ class RunConfig:
     checkpoint_every: int = 50
     sample_images_every: int = 10
     eval_every: int = 0
+    eval_prompts: int = 64
     num_torch_threads: int = 0
 
 
@@ -250,6 +251,10 @@ class Config:
         _check(r.max_staleness >= 0, "run.max_staleness", "must be >= 0")
         _check(r.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0 (0: only at the end)")
         _check(r.sample_images_every >= 0, "run.sample_images_every", "must be >= 0 (0: never)")
+        _check(r.eval_every >= 0, "run.eval_every", "must be >= 0 (0: never)")
+        _check(r.eval_prompts >= 0, "run.eval_prompts", "must be >= 0 (0: the whole evaluation set)")
+        _check(r.mode == "sync" or r.max_staleness >= 1, "run.max_staleness",
+               "must be at least 1 in async mode (rollouts run one policy version ahead of the learner)")
         return self
 
 

@@ -81,6 +81,16 @@ def make_rollout_batch(
     )
 
 
+def make_image_batch(prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]],
+                     images: np.ndarray) -> pa.RecordBatch:
+    """Images to score that are not rollouts (evaluation samples): the scorers' columns
+    of the rollout schema only, one group per image."""
+    return pa.RecordBatch.from_arrays(
+        [pa.array(list(prompts), pa.string()), pa.array(np.arange(len(prompts), dtype=np.int64)),
+         pa.array([json.dumps(m) for m in metadata], pa.string()), tensor_array(images)],
+        names=["prompt", "prompt_index", "metadata", "image"])
+
+
 def tensor_column(batch: pa.RecordBatch | pa.Table, name: str) -> np.ndarray:
     """A tensor column as one numpy array [N, ...] (no copy for a single chunk)."""
     column = batch.column(name)

@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args) -> int:
     from common.config import load_config
     from services.controller.preflight import prepare
-    from services.controller.trainer import train
+    from services.controller.job import train
 
     if args.resume:
         config_path = args.resume / "config.yaml"

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import ray
 import torch
@@ -40,11 +41,22 @@ LEARNER_STATE = "learner.pt"
 
 
 @dataclass
+class InFlight:
+    """An iteration's rollout calls on their way."""
+    iteration: int
+    pending: dict
+    started: float
+    busy_before: list[float]
+    stream_state: dict  # before this iteration drew its prompts
+
+
+@dataclass
 class Chunk:
     """One rollout call: whole groups of consecutive draws, with its own seed."""
     index: int
     draws: list
     seed: int
+    min_version: int
     attempts: int = 0
     worker: int = -1
     started: float = field(default=0.0)
@@ -62,6 +74,7 @@ class SyncTrainer:
         self.resume = resume
         self.rollouts: list[cluster.RolloutHandle] = []
         self._next_reward = 0
+        self.version = 0
 
     # ------------------------------------------------------------------ set-up
 
@@ -80,7 +93,7 @@ class SyncTrainer:
             self._restore()
         else:
             self.folder.write_config(self.config)
-        self._publish_weights()
+        self.publish_weights(wait=True)
 
     def stop(self) -> None:
         if self.rollouts:
@@ -111,37 +124,26 @@ class SyncTrainer:
     def iteration(self, it: int) -> dict[str, float]:
         start = time.perf_counter()
         self.dashboard.set_iteration(it)
-        data, metrics = self.collect(it)
-        data, adv_stats = assign_advantages(data, self.config.train)
-        metrics.update(adv_stats)
-        metrics.update(reward_stats(data))
-
-        self.dashboard.set_phase("learn")
-        t = time.perf_counter()
-        learner_data = data.drop_columns(["image"])  # the learner needs latents, not pixels
-        metrics.update(ray.get(self.learner.train.remote(learner_data), timeout=self.config.learner.timeout_s))
-        metrics["time/learn"] = time.perf_counter() - t
-
-        self.dashboard.set_phase("weight_sync")
-        t = time.perf_counter()
-        self._publish_weights()
-        metrics["time/weight_sync"] = time.perf_counter() - t
-
+        data, metrics = self.gather(self.launch(it))
+        metrics.update(self.learn(data))
+        metrics.update(self.publish_weights(wait=True))
+        metrics.update(self.maybe_evaluate(it))
         self._log(it, data, metrics, start)
         return metrics
 
-    def collect(self, it: int) -> tuple[pa.Table, dict[str, float]]:
-        """Rollouts of one iteration, each chunk scored as soon as it arrives."""
+    def launch(self, it: int) -> InFlight:
+        """Dispatch the iteration's rollout chunks round-robin over the workers."""
+        flight = InFlight(it, {}, time.perf_counter(), self._rollout_busy_seconds(), self.stream.state())
+        for chunk in self._plan_chunks(it):
+            self._dispatch(chunk, chunk.index % len(self.rollouts), flight.pending)
+        return flight
+
+    def gather(self, flight: InFlight) -> tuple[pa.Table, dict[str, float]]:
+        """Wait for the chunks in flight, sending each to a reward worker as it arrives."""
         self.dashboard.set_phase("rollout")
-        start = time.perf_counter()
-        busy_before = self._rollout_busy_seconds()
-        chunks = self._plan_chunks(it)
-        pending: dict[ray.ObjectRef, Chunk] = {}
-        scoring: dict[ray.ObjectRef, Chunk] = {}
-        for k, chunk in enumerate(chunks):
-            self._dispatch(chunk, k % len(self.rollouts), pending)
+        pending, scoring = flight.pending, {}
         scored, failures, lost = [], [], 0
-        rollout_done = start
+        rollout_done = time.perf_counter()
         while pending or scoring:
             self.dashboard.set_queue_depth("rollout", len(pending))
             self.dashboard.set_queue_depth("reward", len(scoring))
@@ -160,7 +162,7 @@ class SyncTrainer:
                     chunk = scoring.pop(ref)
                     try:
                         batch, failed = ray.get(ref)
-                    except (RayActorError, RayTaskError) as err:  # rollout or reward worker died
+                    except (RayActorError, RayTaskError) as err:  # a worker died, or stale weights
                         lost += self._retry(chunk, err, pending)
                         continue
                     scored.append((chunk.index, batch))
@@ -169,19 +171,54 @@ class SyncTrainer:
         # Chunk order, not arrival order: the learner's batch is then the same in every run.
         scored = [batch for _, batch in sorted(scored, key=lambda pair: pair[0]) if batch.num_rows]
         if not scored:
-            raise RuntimeError(f"iteration {it}: every group was lost or failed scoring "
+            raise RuntimeError(f"iteration {flight.iteration}: every group was lost or failed scoring "
                                f"({len(failures)} scoring failures, e.g. {failures[:1]}); see the worker logs")
         end = time.perf_counter()
-        busy = max(a - b for a, b in zip(self._rollout_busy_seconds(), busy_before))
-        images = sum(b.num_rows for b in scored)
+        # the busiest worker bounds the rollout compute (a restarted worker's count starts over)
+        busy = max([a - b for a, b in zip(self._rollout_busy_seconds(), flight.busy_before) if a >= b] or [0.0])
+        data = wire.concat(scored)
         metrics = {
-            "time/rollout": rollout_done - start, "time/reward_tail": end - rollout_done,
-            "time/rollout_compute": busy, "images_per_second": images / max(rollout_done - start, 1e-9),
+            "time/rollout": rollout_done - flight.started, "time/reward_tail": end - rollout_done,
+            "time/rollout_compute": busy, "images_per_second": data.num_rows / max(rollout_done - flight.started, 1e-9),
             "groups_failed_scoring": float(len(failures)), "chunks_resampled": float(lost),
-            "images": float(images),
+            "images": float(data.num_rows),
         }
         self.dashboard.set_images_per_second(metrics["images_per_second"])
-        return wire.concat(scored), metrics
+        data, adv_stats = assign_advantages(data, self.config.train)
+        return data, {**metrics, **adv_stats, **reward_stats(data)}
+
+    def learn(self, data: pa.Table) -> dict[str, float]:
+        self.dashboard.set_phase("learn")
+        start = time.perf_counter()
+        learner_data = data.drop_columns(["image"])  # the learner needs latents, not pixels
+        metrics = ray.get(self.learner.train.remote(learner_data), timeout=self.config.learner.timeout_s)
+        staleness = self.version - min(data.column("policy_version").to_pylist())  # learner version minus rollout's
+        return {**metrics, "staleness": float(staleness), "time/learn": time.perf_counter() - start}
+
+    def maybe_evaluate(self, it: int) -> dict[str, float]:
+        """Every `run.eval_every` iterations: ODE samples with `sample.eval_steps` steps and
+        the EMA weights on `run.eval_prompts` evaluation prompts, scored like rollouts."""
+        every = self.config.run.eval_every
+        if not every or (it + 1) % every:
+            return {}
+        self.dashboard.set_phase("evaluate")
+        start = time.perf_counter()
+        n = self.config.run.eval_prompts or len(self.eval_records)
+        records = self.eval_records[:n]
+        eval_weights = self.learner.weights.remote(ema=True)
+        ray.get([h.actor.set_weights.remote(eval_weights) for h in self.rollouts])
+        per_worker = -(-len(records) // len(self.rollouts))
+        parts = [records[i:i + per_worker] for i in range(0, len(records), per_worker)]
+        images = ray.get([h.actor.evaluate.remote([r.prompt for r in part], self.config.run.seed)
+                          for h, part in zip(self.rollouts, parts)])
+        ray.get([h.actor.set_weights.remote(self._weights_ref) for h in self.rollouts])
+        batch = wire.make_image_batch([r.prompt for r in records], [r.metadata for r in records],
+                                      np.concatenate(images))
+        scored, failed = ray.get(self.rewards[0].score.remote(batch))
+        stats = reward_stats(wire.concat([scored]))
+        out = {f"eval/{k}": v for k, v in stats.items()}
+        out.update({"eval/groups_failed": float(len(failed)), "time/evaluate": time.perf_counter() - start})
+        return out
 
     # ------------------------------------------------------------------ chunks and faults
 
@@ -191,13 +228,15 @@ class SyncTrainer:
         draws = self.stream.next_batch(s.prompts_per_iteration)
         per_call = max(1, s.batch_size // s.group_size)
         seed_base = (self.config.run.seed * 1_000_003 + it) * 1_000
-        return [Chunk(k, draws[i:i + per_call], seed_base + i) for k, i in enumerate(range(0, len(draws), per_call))]
+        return [Chunk(k, draws[i:i + per_call], seed_base + i, self.version)
+                for k, i in enumerate(range(0, len(draws), per_call))]
 
     def _dispatch(self, chunk: Chunk, worker: int, pending: dict) -> None:
         chunk.worker, chunk.started = worker, time.perf_counter()
         prompts = [r.prompt for _, r in chunk.draws]
         ref = self.rollouts[worker].actor.generate.remote(
-            prompts, [i for i, _ in chunk.draws], [r.metadata for _, r in chunk.draws], chunk.seed)
+            prompts, [i for i, _ in chunk.draws], [r.metadata for _, r in chunk.draws], chunk.seed,
+            min_version=chunk.min_version)
         pending[ref] = chunk
 
     def _retry(self, chunk: Chunk, err: Exception, pending: dict) -> int:
@@ -223,19 +262,31 @@ class SyncTrainer:
         return expired
 
     def _rollout_busy_seconds(self) -> list[float]:
-        return ray.get([h.actor.busy_seconds.remote() for h in self.rollouts])
+        """Each worker's cumulative sampling seconds; NaN for one that is restarting."""
+        refs = [h.actor.busy_seconds.remote() for h in self.rollouts]
+        out = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref, timeout=self.config.rollout.timeout_s))
+            except (RayActorError, GetTimeoutError):
+                out.append(float("nan"))
+        return out
 
     # ------------------------------------------------------------------ weights
 
-    def _publish_weights(self) -> None:
+    def publish_weights(self, wait: bool) -> dict[str, float]:
         """Put the learner's LoRA into the object store once; every rollout worker loads
-        it and reports the version it now holds."""
+        it (checking digest and binding) after the calls it already has queued. With
+        `wait`, block until all report the new version."""
+        self.dashboard.set_phase("weight_sync")
+        start = time.perf_counter()
         self._weights_ref = self.learner.weights.remote()
-        versions = ray.get([h.actor.set_weights.remote(self._weights_ref) for h in self.rollouts],
-                           timeout=self.config.rollout.timeout_s)
-        for h, v in zip(self.rollouts, versions):
-            self.dashboard.set_worker_version(h.name, v)
-        self.versions = dict(zip((h.name for h in self.rollouts), versions))
+        self.version = ray.get(self.learner.ready.remote())
+        loaded = [h.actor.set_weights.remote(self._weights_ref) for h in self.rollouts]
+        if wait:
+            for h, v in zip(self.rollouts, ray.get(loaded, timeout=self.config.rollout.timeout_s)):
+                self.dashboard.set_worker_version(h.name, v)
+        return {"time/weight_sync": time.perf_counter() - start, "policy_version": float(self.version)}
 
     def save_final_lora(self) -> Path:
         weights = ray.get(self.learner.weights.remote(ema=True))
@@ -248,7 +299,6 @@ class SyncTrainer:
         compute = metrics["time/rollout_compute"] + metrics["time/reward_tail"] + metrics.get("learn_seconds", 0.0)
         metrics["time/iteration"] = wall
         metrics["overhead_fraction"] = max(0.0, wall - compute) / wall
-        metrics["policy_version"] = float(min(self.versions.values()))
         self.dashboard.set_reward_means({k.split("/")[1]: v for k, v in metrics.items()
                                          if k.startswith("reward/") and k.endswith("/mean")})
         self.folder.log_metrics(it, metrics)
@@ -265,8 +315,13 @@ class SyncTrainer:
         (LoRA, optimizer, EMA, RNG, version) and the prompt stream's position."""
         directory = self.folder.checkpoint_dir(done)
         torch.save(ray.get(self.learner.state_dict.remote()), directory / LEARNER_STATE)
-        (directory / CONTROLLER_STATE).write_text(json.dumps({"iteration": done, "stream": self.stream.state()}))
+        state = {"iteration": done, "stream": self.stream_state_at(done)}
+        (directory / CONTROLLER_STATE).write_text(json.dumps(state))
         return directory
+
+    def stream_state_at(self, iteration: int) -> dict:
+        """The prompt stream's position before iteration `iteration` draws its prompts."""
+        return self.stream.state()
 
     def _restore(self) -> None:
         directory = self.folder.latest_checkpoint()
@@ -278,15 +333,3 @@ class SyncTrainer:
         self.start_iteration = state["iteration"]
         self.folder.truncate_after(self.start_iteration - 1)
 
-
-def train(config: Config, run_dir: str | Path, resume: bool = False, address: str | None = None) -> list[dict]:
-    """Connect to (or start) Ray, train, and stop what was started."""
-    owns_ray = cluster.connect(address)
-    trainer = SyncTrainer(config, run_dir, resume)
-    try:
-        trainer.start()
-        return trainer.train()
-    finally:
-        trainer.stop()
-        if owns_ray:
-            ray.shutdown()

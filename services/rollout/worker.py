@@ -17,6 +17,10 @@ from common.models import load_pipeline, resolve_device, resolve_dtype
 from services.rollout.sampler import sample_ode, sample_sde
 
 
+class StaleWeightsError(RuntimeError):
+    """The worker holds an older LoRA than the call asks for (it was restarted)."""
+
+
 class RolloutWorker:
     def __init__(self, config: Config, name: str = "rollout-0"):
         self.config = config
@@ -47,10 +51,14 @@ class RolloutWorker:
         return self.version
 
     def generate(self, prompts: Sequence[str], prompt_index: Sequence[int], metadata: Sequence[Mapping[str, Any]],
-                 seed: int) -> pa.RecordBatch:
+                 seed: int, min_version: int = 0) -> pa.RecordBatch:
         """`sample.group_size` SDE samples of each prompt, as one Arrow rollout batch.
 
-        Prompt embeddings are computed once per prompt, then repeated for its group."""
+        Prompt embeddings are computed once per prompt, then repeated for its group.
+        Refuses to sample with a LoRA older than `min_version` (a restarted worker starts
+        from version 0 until the controller sends it the current one)."""
+        if self.version < min_version:
+            raise StaleWeightsError(f"{self.name} holds LoRA version {self.version}, the call needs {min_version}")
         start = time.perf_counter()
         s = self.config.sample
         g = s.group_size

@@ -11,7 +11,8 @@ import torch
 from common.config import ConfigError
 from common.lora import LoraLoadError
 from services.controller.preflight import prepare
-from services.controller.trainer import SyncTrainer, train
+from services.controller.job import train
+from services.controller.trainer import SyncTrainer
 
 pytestmark = pytest.mark.ray
 PROMPTS = Path(__file__).resolve().parents[1] / "fixtures" / "prompts" / "pickscore.txt"
@@ -110,3 +111,31 @@ def test_too_many_rollout_workers_fail_before_training(ray_config, tmp_path):
 def test_missing_model_path_names_the_field(tiny_config, tmp_path):
     with pytest.raises((ConfigError, FileNotFoundError), match="model.path"):
         prepare(tiny_config(f"model.path={tmp_path / 'missing'}"))
+
+
+def test_dead_rollout_worker_is_replaced_and_its_chunks_resampled(ray_config, tmp_path):
+    trainer = SyncTrainer(ray_config("run.iterations=3", "run.checkpoint_every=0"), tmp_path / "run")
+    trainer.start()
+    try:
+        first = trainer.iteration(0)
+        ray.kill(trainer.rollouts[0].actor, no_restart=False)  # Ray restarts it with version 0 weights
+        second = trainer.iteration(1)
+        versions = ray.get([h.actor.set_weights.remote(trainer._weights_ref) for h in trainer.rollouts])
+    finally:
+        trainer.stop()
+    assert second["chunks_resampled"] >= 1
+    assert second["images"] == first["images"] == 2 * 4  # no group lost, none zero-filled
+    assert versions == [2, 2]
+
+
+def test_async_mode_overlaps_rollouts_with_learning(ray_config, tmp_path):
+    history = train(ray_config("run.mode=async", "run.iterations=3", "run.checkpoint_every=0"), tmp_path / "run")
+    assert [h["staleness"] for h in history] == [0.0, 1.0, 1.0]
+    assert [h["policy_version"] for h in history] == [1.0, 2.0, 3.0]
+    assert all(np.isfinite(h["loss"]) for h in history)
+
+
+def test_evaluation_scores_ode_samples(ray_config, tmp_path):
+    history = train(ray_config("run.iterations=1", "run.eval_every=1", "run.eval_prompts=3"), tmp_path / "run")
+    assert 0.0 < history[0]["eval/reward/brightness/mean"] < 1.0
+    assert history[0]["eval/groups_failed"] == 0.0
