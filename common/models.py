@@ -66,6 +66,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def _quiet_libraries() -> None:
+    """Workers load once and then sample for hours: no per-file progress bars, and no
+    per-call truncation warnings (max_sequence_length is a deliberate setting)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def is_hub_id(path: str) -> bool:
     """`org/name`, as on the model hub (a local path that exists takes precedence)."""
     return bool(_HUB_ID.fullmatch(path))
@@ -78,6 +89,7 @@ def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device: str | t
     `with_vae=False` skips the VAE (the learner never decodes images)."""
     from diffusers import StableDiffusion3Pipeline
 
+    _quiet_libraries()
     extra = {} if with_vae else {"vae": None}
     if not Path(path).is_dir() and not is_hub_id(path):
         raise FileNotFoundError(f"model.path: directory {path} does not exist "
@@ -156,6 +168,7 @@ def make_tiny_model(directory: str | Path, preset: str = "s", seed: int = 0) -> 
     import tempfile
 
     directory = Path(directory)
+    _quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="flowgrpo-tok-") as tmp:
         pipe = build_tiny_pipeline(preset, seed, workdir=tmp)
         pipe.save_pretrained(directory)
