@@ -1,0 +1,92 @@
+"""Throughput of scorers on this machine, in process and through the gRPC service.
+
+    python -m services.reward.bench [--scorers ocr pickscore ...] [--config run.yaml]
+                                    [--set KEY=VALUE ...] [--tiny] [--batch 8] [--size 512]
+
+Scores batches of `--batch` images of `--size` px (black words rendered in DejaVuSans on
+white, with an OCR-style quoted prompt and GenEval metadata, so every scorer does its
+real work), after one warm-up batch, and prints images/s per scorer. With --grpc it
+also serves each scorer on 127.0.0.1 and reports the round trip of one batch through
+the service (PNG encoding, transfer, decoding) against the in-process call.
+--tiny points geneval and pickscore at tiny random models built in a temporary
+directory: their throughput is then the tiny models', not the production ones'.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import replace
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from common.config import load_config
+from services.reward.grpc_service import serve
+from services.reward.scorers import build_scorer, local_scorer
+
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+WORDS = ("Hello World", "Forever Yours", "NASA 2049", "Open Late")
+METADATA = {"tag": "colors", "include": [{"class": "bowl", "count": 1, "color": "red"}]}
+
+
+def sample_batch(n: int, size: int):
+    try:
+        font = ImageFont.truetype(FONT, size // 12)
+    except OSError:
+        font = ImageFont.load_default()
+    images, prompts = [], []
+    for i in range(n):
+        word = WORDS[i % len(WORDS)]
+        image = Image.new("RGB", (size, size), "white")
+        ImageDraw.Draw(image).text((size // 16, size // 2), word, fill="black", font=font)
+        images.append(np.asarray(image))
+        prompts.append(f'a photo of a sign that says "{word}"')
+    return np.stack(images), prompts, [METADATA] * n
+
+
+def timed(scorer, batch, repeats: int) -> float:
+    """Mean seconds per batch after one warm-up call."""
+    scorer.score(*batch)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        scorer.score(*batch)
+    return (time.perf_counter() - started) / repeats
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scorers", nargs="+", default=["ocr", "geneval", "pickscore", "jpeg_compressibility", "brightness"])
+    parser.add_argument("--config", help="YAML config whose reward section configures the scorers")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--tiny", action="store_true", help="tiny random geneval and pickscore models (offline)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--grpc", action="store_true", help="also time each scorer through a local gRPC service")
+    args = parser.parse_args(argv)
+
+    reward = load_config(args.config, args.overrides).reward
+    if args.tiny:
+        from services.reward.tiny import make_tiny_clip, make_tiny_mask2former
+        root = tempfile.mkdtemp(prefix="flowgrpo-bench-")
+        clip, detector = str(make_tiny_clip(f"{root}/clip")), str(make_tiny_mask2former(f"{root}/detector"))
+        reward = replace(reward, geneval=replace(reward.geneval, detector=detector, clip=clip),
+                         pickscore=replace(reward.pickscore, processor=clip, model=clip))
+    batch = sample_batch(args.batch, args.size)
+    for name in args.scorers:
+        scorer = local_scorer(name, reward)
+        seconds = timed(scorer, batch, args.repeats)
+        line = f"{name:22s} {args.batch / seconds:8.2f} images/s  {seconds * 1000:8.1f} ms/batch  [{scorer.engine}]"
+        if args.grpc:
+            server, port = serve(name, reward)
+            remote = build_scorer(name, replace(reward, endpoints={name: f"grpc://127.0.0.1:{port}"}))
+            remote_seconds = timed(remote, batch, args.repeats)
+            line += f"  gRPC {remote_seconds * 1000:8.1f} ms/batch (+{(remote_seconds - seconds) * 1000:.1f} ms)"
+            remote.close()
+            server.stop(grace=None)
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
