@@ -5,9 +5,10 @@
 
 Scores batches of `--batch` images of `--size` px (black words rendered in DejaVuSans on
 white, with an OCR-style quoted prompt and GenEval metadata, so every scorer does its
-real work), after one warm-up batch, and prints images/s per scorer. With --grpc it
-also serves each scorer on 127.0.0.1 and reports the round trip of one batch through
-the service (PNG encoding, transfer, decoding) against the in-process call.
+real work) through a RewardWorker, as training does, after one warm-up batch, and
+prints images/s per scorer. With --grpc it also serves each scorer on 127.0.0.1 and
+reports the round trip of one batch through the service (PNG encoding, transfer,
+decoding) against the in-process call.
 --tiny points geneval and pickscore at tiny random models built in a temporary
 directory: their throughput is then the tiny models', not the production ones'.
 """
@@ -19,18 +20,20 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
 from common.config import load_config
+from common.wire import make_rollout_batch
 from services.reward.grpc_service import serve
-from services.reward.scorers import build_scorer, local_scorer
+from services.reward.worker import RewardWorker
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 WORDS = ("Hello World", "Forever Yours", "NASA 2049", "Open Late")
 METADATA = {"tag": "colors", "include": [{"class": "bowl", "count": 1, "color": "red"}]}
 
 
-def sample_batch(n: int, size: int):
+def sample_batch(n: int, size: int) -> pa.RecordBatch:
     try:
         font = ImageFont.truetype(FONT, size // 12)
     except OSError:
@@ -42,15 +45,20 @@ def sample_batch(n: int, size: int):
         ImageDraw.Draw(image).text((size // 16, size // 2), word, fill="black", font=font)
         images.append(np.asarray(image))
         prompts.append(f'a photo of a sign that says "{word}"')
-    return np.stack(images), prompts, [METADATA] * n
+    return make_rollout_batch(prompts=prompts, prompt_index=list(range(n)), metadata=[METADATA] * n,
+                              images=np.stack(images), latents=np.zeros((n, 2, 1, 1, 1), np.float32),
+                              timesteps=np.ones((n, 1)), log_probs=np.zeros((n, 1)), policy_version=0,
+                              rollout_worker="bench")
 
 
-def timed(scorer, batch, repeats: int) -> float:
+def timed(worker: RewardWorker, batch: pa.RecordBatch, repeats: int) -> float:
     """Mean seconds per batch after one warm-up call."""
-    scorer.score(*batch)
+    worker.score(batch)
     started = time.perf_counter()
     for _ in range(repeats):
-        scorer.score(*batch)
+        _, failures = worker.score(batch)
+        if failures:
+            raise RuntimeError(f"bench: {failures[0].scorer} failed: {failures[0].reason}")
     return (time.perf_counter() - started) / repeats
 
 
@@ -67,26 +75,30 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     reward = load_config(args.config, args.overrides).reward
-    if args.tiny:
-        from services.reward.tiny import make_tiny_clip, make_tiny_mask2former
-        root = tempfile.mkdtemp(prefix="flowgrpo-bench-")
-        clip, detector = str(make_tiny_clip(f"{root}/clip")), str(make_tiny_mask2former(f"{root}/detector"))
-        reward = replace(reward, geneval=replace(reward.geneval, detector=detector, clip=clip),
-                         pickscore=replace(reward.pickscore, processor=clip, model=clip))
-    batch = sample_batch(args.batch, args.size)
-    for name in args.scorers:
-        scorer = local_scorer(name, reward)
-        seconds = timed(scorer, batch, args.repeats)
-        line = f"{name:22s} {args.batch / seconds:8.2f} images/s  {seconds * 1000:8.1f} ms/batch  [{scorer.engine}]"
-        if args.grpc:
-            server, port = serve(name, reward)
-            remote = build_scorer(name, replace(reward, endpoints={name: f"grpc://127.0.0.1:{port}"}))
-            remote_seconds = timed(remote, batch, args.repeats)
-            line += f"  gRPC {remote_seconds * 1000:8.1f} ms/batch (+{(remote_seconds - seconds) * 1000:.1f} ms)"
-            remote.close()
-            server.stop(grace=None)
-        print(line, flush=True)
+    with tempfile.TemporaryDirectory(prefix="flowgrpo-bench-") as root:
+        if args.tiny:
+            from services.reward.tiny import make_tiny_clip, make_tiny_mask2former
+            clip, detector = str(make_tiny_clip(f"{root}/clip")), str(make_tiny_mask2former(f"{root}/detector"))
+            reward = replace(reward, geneval=replace(reward.geneval, detector=detector, clip=clip),
+                             pickscore=replace(reward.pickscore, processor=clip, model=clip))
+        batch = sample_batch(args.batch, args.size)
+        for name in args.scorers:
+            print(bench_one(name, reward, batch, args.repeats, args.grpc), flush=True)
 
+
+def bench_one(name: str, reward, batch: pa.RecordBatch, repeats: int, grpc: bool) -> str:
+    alone = replace(reward, weights={name: 1.0}, endpoints={}, batch_size=batch.num_rows)
+    worker = RewardWorker(alone)
+    seconds = timed(worker, batch, repeats)
+    line = f"{name:22s} {batch.num_rows / seconds:8.2f} images/s  {seconds * 1000:8.1f} ms/batch  [{worker.engines()[name]}]"
+    if grpc:
+        server, port = serve(name, alone)
+        remote = RewardWorker(replace(alone, endpoints={name: f"grpc://127.0.0.1:{port}"}))
+        remote_seconds = timed(remote, batch, repeats)
+        line += f"  gRPC {remote_seconds * 1000:8.1f} ms/batch (+{(remote_seconds - seconds) * 1000:.1f} ms)"
+        remote.scorers[name].close()
+        server.stop(grace=None)
+    return line
 
 if __name__ == "__main__":
     main()
