@@ -4,10 +4,11 @@ instance model and CLIP colour classification, both loaded through transformers.
 The benchmark's own detector is mmdetection 2.x's Mask2Former Swin-S, which needs its
 own environment; to use it, serve a scorer wrapping it with `flowgrpo serve-reward` and
 set reward.endpoints.geneval. Here the detector is behind an adapter
-(`Mask2FormerDetector`, default facebook/mask2former-swin-small-coco-instance, the same
-architecture and training data ported to transformers), and the rules are
-`geneval_rules.evaluate`, exactly GenEval's. Numbers are close to, not identical with,
-the mmdet detector's.
+(`Mask2FormerDetector`; default facebook/mask2former-swin-small-coco-instance, the same
+architecture and training set from the Mask2Former authors' release, ported to
+transformers), and the rules are `geneval_rules.evaluate`, exactly GenEval's. Weights
+and preprocessing differ from mmdet's, so verdicts are close to, not identical with,
+the benchmark's.
 
 Colour of an object (GenEval's): zero-shot CLIP (default openai/clip-vit-large-patch14,
 GenEval's ViT-L/14) over the 10 colours, each colour's text embedding the renormalised
