@@ -123,7 +123,9 @@ class RewardConfig:
     scorer name to a remote gRPC service (`grpc://host:port`, started with
     `flowgrpo serve-reward`) that is used in place of the in-process scorer. Each
     scorer call covers `batch_size` images, must answer within `timeout_s` and is
-    retried `retries` times before its groups are dropped."""
+    retried `retries` times before its groups are dropped. With `isolated_env`, the
+    reward workers get their own Ray runtime_env holding the scorers' extra packages
+    (e.g. the OCR engine) instead of relying on the cluster's image."""
     SCORER_NAMES: ClassVar[tuple[str, ...]] = ("ocr", "geneval", "pickscore", "jpeg_compressibility", "brightness")
 
     weights: dict[str, float] = field(default_factory=lambda: {"geneval": 1.0})
@@ -134,6 +136,7 @@ class RewardConfig:
     batch_size: int = 16
     timeout_s: float = 120.0
     retries: int = 2
+    isolated_env: bool = False
     ocr: OcrConfig = field(default_factory=OcrConfig)
     geneval: GenevalConfig = field(default_factory=GenevalConfig)
     pickscore: PickScoreConfig = field(default_factory=PickScoreConfig)

@@ -94,11 +94,15 @@ def start_learner(learner_cls, config: Config):
     return ray.remote(learner_cls).options(num_cpus=lr.num_cpus, num_gpus=lr.num_gpus).remote(config)
 
 
-def start_reward_worker(worker_cls, config: Config, runtime_env: dict | None = None):
+def start_reward_worker(worker_cls, config: Config, needs: list) -> ray.actor.ActorHandle:
+    """A reward actor sized by what its scorers declare (`ScorerNeeds`); with
+    `reward.isolated_env`, in a runtime_env that adds the scorers' pip packages."""
     rw = config.reward
-    options = dict(num_cpus=rw.num_cpus, num_gpus=rw.num_gpus, max_restarts=-1, max_task_retries=0)
-    if runtime_env:
-        options["runtime_env"] = runtime_env
+    options = dict(num_cpus=max(n.num_cpus for n in needs), num_gpus=max(n.num_gpus for n in needs),
+                   max_restarts=-1, max_task_retries=0)
+    packages = sorted({p for n in needs for p in n.pip})
+    if rw.isolated_env and packages:
+        options["runtime_env"] = {"pip": packages}
     return ray.remote(worker_cls).options(**options).remote(rw)
 
 

@@ -32,6 +32,7 @@ from services.controller.dashboard import DashboardMetrics
 from services.controller.iteration import assign_advantages, reward_stats
 from services.controller.run_folder import RunFolder
 from services.learner.learner import Learner
+from services.reward.scorers import scorer_needs
 from services.reward.worker import RewardWorker
 from services.rollout.worker import RolloutWorker
 
@@ -83,7 +84,8 @@ class SyncTrainer:
         self.dashboard = DashboardMetrics()
         self.dashboard.set_phase("starting")
         self.learner = cluster.start_learner(Learner, self.config)
-        self.rewards = [cluster.start_reward_worker(RewardWorker, self.config)
+        needs = [scorer_needs(name, self.config.reward) for name in self.config.reward.weights]
+        self.rewards = [cluster.start_reward_worker(RewardWorker, self.config, needs)
                         for _ in range(self.config.reward.num_workers)]
         self.rollouts = [cluster.start_rollout_worker(RolloutWorker, self.config, i)
                          for i in range(self.config.rollout.num_workers)]

@@ -41,8 +41,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
-RELATIONS = ("left of", "right of", "above", "below")
+from common.prompts import COCO_CLASSES, GENEVAL_COLORS, GENEVAL_RELATIONS
+
+COLORS = GENEVAL_COLORS
+RELATIONS = GENEVAL_RELATIONS
 THRESHOLD = 0.3
 COUNTING_THRESHOLD = 0.9
 MAX_OBJECTS = 16
@@ -50,18 +52,7 @@ POSITION_THRESHOLD = 0.1
 
 # GenEval's 80 object names: COCO's classes in COCO order, with "mouse", "remote" and
 # "keyboard" renamed "computer mouse", "tv remote", "computer keyboard".
-OBJECT_NAMES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator",
-    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)
+OBJECT_NAMES = COCO_CLASSES
 
 
 @dataclass
