@@ -94,16 +94,20 @@ def start_learner(learner_cls, config: Config):
     return ray.remote(learner_cls).options(num_cpus=lr.num_cpus, num_gpus=lr.num_gpus).remote(config)
 
 
-def start_reward_worker(worker_cls, config: Config, needs: list) -> ray.actor.ActorHandle:
-    """A reward actor sized by what its scorers declare (`ScorerNeeds`); with
-    `reward.isolated_env`, in a runtime_env that adds the scorers' pip packages."""
-    rw = config.reward
+def reward_worker_options(config: Config, needs: list) -> dict:
+    """Actor options of a reward worker, sized by what its scorers declare
+    (`ScorerNeeds`); with `reward.isolated_env`, a runtime_env that adds the scorers'
+    pip packages to the cluster's environment."""
     options = dict(num_cpus=max(n.num_cpus for n in needs), num_gpus=max(n.num_gpus for n in needs),
                    max_restarts=-1, max_task_retries=0)
     packages = sorted({p for n in needs for p in n.pip})
-    if rw.isolated_env and packages:
+    if config.reward.isolated_env and packages:
         options["runtime_env"] = {"pip": packages}
-    return ray.remote(worker_cls).options(**options).remote(rw)
+    return options
+
+
+def start_reward_worker(worker_cls, config: Config, needs: list) -> ray.actor.ActorHandle:
+    return ray.remote(worker_cls).options(**reward_worker_options(config, needs)).remote(config.reward)
 
 
 def stop(handles: list[RolloutHandle]) -> None:
