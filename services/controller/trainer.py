@@ -75,6 +75,7 @@ class SyncTrainer:
         self.resume = resume
         self.rollouts: list[cluster.RolloutHandle] = []
         self._next_reward = 0
+        self._progress: dict[int, float] = {}  # worker -> when its last call finished
         self.version = 0
 
     # ------------------------------------------------------------------ set-up
@@ -155,6 +156,7 @@ class SyncTrainer:
                     # The batch goes to a reward worker by reference: it never passes through
                     # the driver. If the rollout failed, the scoring call fails with its error.
                     chunk = pending.pop(ref)
+                    self._progress[chunk.worker] = time.perf_counter()
                     reward_worker = self.rewards[self._next_reward % len(self.rewards)]
                     self._next_reward += 1
                     scoring[reward_worker.score.remote(ref)] = chunk
@@ -253,14 +255,22 @@ class SyncTrainer:
         return 1
 
     def _expire(self, pending: dict) -> int:
-        """Cancel and re-sample calls that ran past `rollout.timeout_s`."""
-        now, expired = time.perf_counter(), 0
+        """A worker whose running call has made no progress for `rollout.timeout_s` is
+        hung: kill it (Ray restarts it; its queued calls then fail and are re-sampled)
+        and re-sample that call elsewhere. Time waiting in a worker's queue does not
+        count. Cancelling is no use here, since Ray only flags a running actor task."""
+        now, expired, seen = time.perf_counter(), 0, set()
         for ref, chunk in list(pending.items()):
-            if now - chunk.started > self.config.rollout.timeout_s:
-                ray.cancel(ref, force=True)
+            if chunk.worker in seen:  # only the oldest call of each worker is running
+                continue
+            seen.add(chunk.worker)
+            running_since = max(chunk.started, self._progress.get(chunk.worker, 0.0))
+            if now - running_since > self.config.rollout.timeout_s:
                 del pending[ref]
-                expired += self._retry(chunk, GetTimeoutError(f"rollout call exceeded rollout.timeout_s="
-                                                              f"{self.config.rollout.timeout_s}"), pending)
+                ray.kill(self.rollouts[chunk.worker].actor, no_restart=False)
+                expired += self._retry(chunk, GetTimeoutError(f"{self.rollouts[chunk.worker].name} made no progress "
+                                                              f"for rollout.timeout_s={self.config.rollout.timeout_s}"),
+                                       pending)
         return expired
 
     def _rollout_busy_seconds(self) -> list[float]:
