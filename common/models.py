@@ -5,7 +5,9 @@ a tiny pipeline of the *same classes* (SD3Transformer2DModel with dual attention
 and RMS qk-norm, a 16-channel AutoencoderKL with SD3's factor-8 downsampling, the
 flow-matching Euler scheduler with shift 3, two CLIP text encoders with projection
 and a T5 encoder), with random weights and tokenizers trained locally, saved with
-`save_pretrained` and read back by the very loader production uses.
+`save_pretrained` and read back by the very loader production uses. Its VAE decoder's
+weights are set to a per-pixel latent-to-RGB map rather than left random, so that
+image rewards respond to the latents and GRPO's progress shows on the CPU.
 """
 from __future__ import annotations
 
@@ -45,6 +47,10 @@ class TinyPreset:
     head_dim: int
     clip_hidden: int
     vae_channels: int
+    # CLIP context in tokens (SD3: 77). The transformer attends jointly over the image
+    # tokens, both CLIP contexts and T5's max_sequence_length tokens; at tiny sizes the
+    # 77 padded CLIP tokens would be most of that sequence and of each iteration's time.
+    clip_tokens: int = 16
 
 
 TINY_PRESETS = {
@@ -110,7 +116,9 @@ def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device: str | t
 
 
 def build_tiny_pipeline(preset: str = "s", seed: int = 0, workdir: str | Path | None = None):
-    """A tiny SD3.5-architecture pipeline with random weights, built offline.
+    """A tiny SD3.5-architecture pipeline, built offline: random transformer and text
+    encoders, and a VAE decoder set to a per-pixel latent-to-RGB map (see
+    `_latent_preview_decoder`) so that image rewards can be learned on the CPU.
 
     Deterministic for (preset, seed). Tokenizers are trained on a small built-in
     corpus and written to `workdir` (a temporary directory when None)."""
@@ -126,7 +134,7 @@ def build_tiny_pipeline(preset: str = "s", seed: int = 0, workdir: str | Path | 
     p = TINY_PRESETS[preset]
     workdir = Path(workdir or tempfile.mkdtemp(prefix="flowgrpo-tok-"))
     clip_dir, t5_dir = _train_tokenizers(workdir)
-    clip_tok = CLIPTokenizer.from_pretrained(clip_dir, model_max_length=77)
+    clip_tok = CLIPTokenizer.from_pretrained(clip_dir, model_max_length=p.clip_tokens)
     t5_tok = T5TokenizerFast.from_pretrained(t5_dir, model_max_length=512)
 
     torch.manual_seed(seed)
@@ -141,14 +149,15 @@ def build_tiny_pipeline(preset: str = "s", seed: int = 0, workdir: str | Path | 
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(c,) * 4, layers_per_block=1, norm_num_groups=4,
+        block_out_channels=(c,) * 4, layers_per_block=1, norm_num_groups=1,
         scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
     )
+    _latent_preview_decoder(vae, torch.Generator().manual_seed(seed))
 
     def clip_encoder():
         return CLIPTextModelWithProjection(CLIPTextConfig(
             vocab_size=len(clip_tok), hidden_size=p.clip_hidden, intermediate_size=2 * p.clip_hidden,
-            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=p.clip_tokens,
             projection_dim=p.clip_hidden, bos_token_id=clip_tok.bos_token_id,
             eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id))
 
@@ -161,6 +170,68 @@ def build_tiny_pipeline(preset: str = "s", seed: int = 0, workdir: str | Path | 
         text_encoder=clip_encoder(), tokenizer=clip_tok, text_encoder_2=clip_encoder(), tokenizer_2=clip_tok,
         text_encoder_3=t5, tokenizer_3=t5_tok,
     )
+
+
+def _latent_preview_decoder(vae, generator: torch.Generator, reference: float = 8.0, pixel_gain: float = 0.45,
+                            silu_centre: float = 3.0) -> None:
+    """Set the VAE decoder's weights, in place, so that it decodes each latent pixel to
+    an 8 x 8 block of one colour, an affine function of the 16 latent channels: what
+    SD3's latent previews do with a fixed 16 x 3 matrix. The classes and the config stay
+    AutoencoderKL's; only the weights are chosen.
+
+    Why: a randomly initialised decoder hardly depends on its latents. Its GroupNorms
+    remove every shift of a channel's mean, so the brightness of decoded images varies
+    by about 0.001 across random latents, and a policy cannot move image rewards
+    (brightness, colour, compressibility) far enough to show learning.
+
+    How, with `norm_num_groups=1` (GroupNorm over all channels at once):
+      - every resnet's second convolution and the mid-block attention's output
+        projection are zero, so those blocks are identities; the upsamplers' 3 x 3
+        convolutions are identity kernels, so upsampling is nearest-neighbour;
+      - conv_in (centre tap only) maps the 16 latent channels to c - 2 channels with a
+        random matrix, and sets the last two channels to the constants +-`reference`;
+      - the final GroupNorm then normalises by a spread that those two constant
+        channels dominate, so it keeps each signal channel's mean and scale (to a few per cent)
+        instead of removing them; its affine rescales them back and centres them at
+        `silu_centre`, where SiLU is close to linear over +-2;
+      - conv_out (centre tap) mixes the signal channels into RGB with a random matrix
+        scaled so that pixels spread about as much as before (std ~0.15 of the range).
+    The encoder is left random: Flow-GRPO never encodes images.
+    """
+    import math
+
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.upsampling import Upsample2D
+
+    dec = vae.decoder
+    channels, latent_channels = dec.conv_in.out_channels, dec.conv_in.in_channels
+    signal = channels - 2
+    if dec.conv_norm_out.num_groups != 1 or signal < 1:
+        raise ValueError("the preview decoder needs norm_num_groups=1 and at least 3 decoder channels")
+    with torch.no_grad():
+        for module in dec.modules():
+            if isinstance(module, ResnetBlock2D):
+                module.conv2.weight.zero_()
+                module.conv2.bias.zero_()
+            elif isinstance(module, Attention):
+                module.to_out[0].weight.zero_()
+                module.to_out[0].bias.zero_()
+            elif isinstance(module, Upsample2D):
+                module.conv.weight.zero_()
+                module.conv.bias.zero_()
+                module.conv.weight[:, :, 1, 1] = torch.eye(channels)
+        mix_in = torch.randn(signal, latent_channels, generator=generator) / math.sqrt(latent_channels)
+        dec.conv_in.weight.zero_()
+        dec.conv_in.bias.zero_()
+        dec.conv_in.weight[:signal, :, 1, 1] = mix_in
+        dec.conv_in.bias[signal], dec.conv_in.bias[signal + 1] = reference, -reference
+        dec.conv_norm_out.weight.fill_(reference * math.sqrt(2 / channels))  # the spread the constants set
+        dec.conv_norm_out.bias.fill_(silu_centre)
+        mix_out = torch.randn(3, signal, generator=generator) * pixel_gain / math.sqrt(signal)
+        dec.conv_out.weight.zero_()
+        dec.conv_out.weight[:, :signal, 1, 1] = mix_out
+        dec.conv_out.bias.copy_(-mix_out.sum(dim=1) * silu_centre / (1 + math.exp(-silu_centre)))
 
 
 def make_tiny_model(directory: str | Path, preset: str = "s", seed: int = 0) -> Path:
