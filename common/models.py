@@ -37,6 +37,10 @@ clock vase scissors teddy hair drier toothbrush close-up high detailed realistic
 """.split()
 
 
+TINY_MARKER = "flowgrpo_tiny.json"
+TINY_BUILDER = 2  # bump when build_tiny_pipeline changes what it builds
+
+
 @dataclass(frozen=True)
 class TinyPreset:
     """Sizes of a tiny SD3.5-architecture pipeline (ENVIRONMENT.md's shape rules:
@@ -235,7 +239,9 @@ def _latent_preview_decoder(vae, generator: torch.Generator, reference: float = 
 
 
 def make_tiny_model(directory: str | Path, preset: str = "s", seed: int = 0) -> Path:
-    """Build the tiny pipeline and save it where `load_pipeline` reads it."""
+    """Build the tiny pipeline and save it where `load_pipeline` reads it, with a
+    `TINY_MARKER` file naming what was built (see `tiny_model_is_current`)."""
+    import json
     import tempfile
 
     directory = Path(directory)
@@ -243,7 +249,19 @@ def make_tiny_model(directory: str | Path, preset: str = "s", seed: int = 0) -> 
     with tempfile.TemporaryDirectory(prefix="flowgrpo-tok-") as tmp:
         pipe = build_tiny_pipeline(preset, seed, workdir=tmp)
         pipe.save_pretrained(directory)
+    (directory / TINY_MARKER).write_text(json.dumps({"preset": preset, "seed": seed, "builder": TINY_BUILDER}))
     return directory
+
+
+def tiny_model_is_current(directory: str | Path, preset: str, seed: int = 0) -> bool:
+    """Whether `directory` holds the tiny model this code builds for (preset, seed):
+    a cached model from an older builder (say, before the preview decoder) is rebuilt."""
+    import json
+
+    marker = Path(directory) / TINY_MARKER
+    if not marker.is_file():
+        return False
+    return json.loads(marker.read_text()) == {"preset": preset, "seed": seed, "builder": TINY_BUILDER}
 
 
 def _train_tokenizers(workdir: Path) -> tuple[Path, Path]:

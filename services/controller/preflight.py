@@ -26,13 +26,13 @@ def prepare(config: Config) -> Config:
     """Resolve local paths to absolute ones (actors may run elsewhere), build the tiny
     model when `model.tiny_preset` asks for one that is not there yet, and check the
     prompt files and scorer names."""
-    from common.models import is_hub_id, make_tiny_model  # heavy imports here: `flowgrpo --help` stays fast
+    from common.models import is_hub_id, make_tiny_model, tiny_model_is_current  # heavy imports here: `flowgrpo --help` stays fast
     from services.reward.scorers import SCORERS
 
     model = config.model
     path = Path(model.path).expanduser()
     if model.tiny_preset is not None:
-        if not (path / "model_index.json").is_file():
+        if not tiny_model_is_current(path, model.tiny_preset):
             print(f"flowgrpo: building the tiny '{model.tiny_preset}' model in {path}")
             make_tiny_model(path, model.tiny_preset, seed=0)
         model = dataclasses.replace(model, path=str(path.resolve()))

@@ -50,3 +50,13 @@ def test_missing_paths_fail_clearly(tmp_path):
         load_pipeline("some-org/some-model")
     with pytest.raises(ValueError, match="tiny_preset"):
         make_tiny_model(tmp_path / "x", preset="xl")
+
+
+def test_cached_tiny_model_is_rebuilt_when_stale(tmp_path):
+    from common.models import TINY_MARKER, tiny_model_is_current
+
+    directory = make_tiny_model(tmp_path / "tiny", preset="s", seed=0)
+    assert tiny_model_is_current(directory, "s", 0)
+    assert not tiny_model_is_current(directory, "m", 0)
+    (directory / TINY_MARKER).write_text('{"preset": "s", "seed": 0, "builder": 1}')
+    assert not tiny_model_is_current(directory, "s", 0)
