@@ -85,6 +85,7 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def is_hub_id(path: str) -> bool:
