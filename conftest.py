@@ -69,6 +69,6 @@ def ray_cluster():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=port, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=port, log_to_driver=False)
     yield {"metrics_port": port}
     ray.shutdown()

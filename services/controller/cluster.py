@@ -34,7 +34,7 @@ def connect(address: str | None = None) -> bool:
         return True
     for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     return True
 
 

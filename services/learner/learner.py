@@ -42,7 +42,9 @@ class Learner:
         self.pipe = load_pipeline(config.model.path, resolve_dtype(config.model.dtype, self.device), self.device,
                                   with_vae=False)
         self.transformer = self.pipe.transformer
-        self.params = attach_lora(self.transformer, config.lora)
+        with torch.random.fork_rng(devices=[]):  # the Gaussian LoRA init draws from torch's global RNG
+            torch.manual_seed(config.run.seed)
+            self.params = attach_lora(self.transformer, config.lora)
         t = config.train
         self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                            weight_decay=t.weight_decay, eps=t.adam_eps)
