@@ -76,16 +76,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def _quiet_libraries() -> None:
-    """Workers load once and then sample for hours: no per-file progress bars, and no
-    per-call truncation warnings (max_sequence_length is a deliberate setting)."""
-    import diffusers
+def quiet_libraries() -> None:
+    """Workers load once and then sample for hours: no per-file progress bars, no
+    per-call truncation warnings (max_sequence_length is a deliberate setting), and not
+    the import-time note that transformers falls back to PIL image processors without
+    torchvision (torchvision is left out on purpose). Call it before importing diffusers."""
     import transformers
 
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 def is_hub_id(path: str) -> bool:
@@ -100,7 +103,7 @@ def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device: str | t
     `with_vae=False` skips the VAE (the learner never decodes images)."""
     from diffusers import StableDiffusion3Pipeline
 
-    _quiet_libraries()
+    quiet_libraries()
     extra = {} if with_vae else {"vae": None}
     if not Path(path).is_dir() and not is_hub_id(path):
         raise FileNotFoundError(f"model.path: directory {path} does not exist "
@@ -246,7 +249,7 @@ def make_tiny_model(directory: str | Path, preset: str = "s", seed: int = 0) -> 
     import tempfile
 
     directory = Path(directory)
-    _quiet_libraries()
+    quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="flowgrpo-tok-") as tmp:
         pipe = build_tiny_pipeline(preset, seed, workdir=tmp)
         pipe.save_pretrained(directory)

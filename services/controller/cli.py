@@ -89,8 +89,8 @@ def _train(args) -> int:
     history = train(config, run_dir, resume=args.resume is not None, address=args.address)
     if history:
         first, last = history[0]["reward_mean"], history[-1]["reward_mean"]
-        print(f"flowgrpo: reward mean {first:.4f} -> {last:.4f} over {len(history)} iterations; "
-              f"LoRA in {Path(run_dir) / 'lora'}", file=sys.stderr)
+        print(f"flowgrpo: reward mean {first:.4f} -> {last:.4f} over {len(history)} iterations; curve in "
+              f"{Path(run_dir) / 'reward_curve.png'}, LoRA in {Path(run_dir) / 'lora'}", file=sys.stderr)
     return 0
 
 
@@ -109,6 +109,9 @@ def _make_prompts(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from common.models import quiet_libraries
+
+    quiet_libraries()
     from common.config import ConfigError
     from common.lora import LoraLoadError
     from common.prompts import PromptFileError

@@ -22,6 +22,11 @@ LOOPBACK_ENV = {
 }
 
 
+# Actors import transformers at start-up; keep its import-time notes (PIL fallbacks
+# without torchvision) out of every worker's log.
+WORKER_RUNTIME_ENV = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}}
+
+
 def connect(address: str | None = None) -> bool:
     """Join the cluster at `address` (or $RAY_ADDRESS, as `ray job submit` sets it), reuse
     a Ray already initialised in this process, or start a local one on loopback.
@@ -30,11 +35,12 @@ def connect(address: str | None = None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=WORKER_RUNTIME_ENV)
         return True
     for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+             runtime_env=WORKER_RUNTIME_ENV)
     return True
 
 

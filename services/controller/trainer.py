@@ -12,6 +12,7 @@ worker; a group whose scoring failed is dropped and counted, never zero-filled.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,8 @@ class SyncTrainer:
 
     def start(self) -> None:
         cluster.check_resources(self.config)
+        print(f"flowgrpo: starting {self.config.rollout.num_workers} rollout worker(s), "
+              f"{self.config.reward.num_workers} reward worker(s) and the learner", file=sys.stderr)
         self.dashboard = DashboardMetrics()
         self.dashboard.set_phase("starting")
         self.learner = cluster.start_learner(Learner, self.config)
