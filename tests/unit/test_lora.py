@@ -57,27 +57,16 @@ def test_corrupted_digest_fails(pair):
         load_lora(target, corrupt)
 
 
-def test_adapter_for_other_modules_fails(tiny_model_dir, pair):
+@pytest.mark.parametrize("lora, message", [
+    (LoraConfig(rank=4, alpha=8, target_modules=["attn.to_q"]), "missing|unexpected"),
+    (LoraConfig(rank=4, alpha=8, target_modules=["ff.net.2"]), "binds to no module"),
+    (LoraConfig(rank=2, alpha=4), "lora.rank"),
+], ids=["other-modules", "binds-to-nothing", "wrong-rank"])
+def test_adapter_that_does_not_fit_fails(tiny_model_dir, pair, lora, message):
     source, _ = pair
     other = load_pipeline(tiny_model_dir).transformer
-    attach_lora(other, LoraConfig(rank=4, alpha=8, target_modules=["attn.to_q"]))
-    with pytest.raises(LoraLoadError, match="missing|unexpected"):
-        load_lora(other, export_lora(source, 1))
-
-
-def test_adapter_that_binds_to_nothing_fails(tiny_model_dir, pair):
-    source, _ = pair
-    other = load_pipeline(tiny_model_dir).transformer
-    attach_lora(other, LoraConfig(rank=4, alpha=8, target_modules=["ff.net.2"]))
-    with pytest.raises(LoraLoadError, match="binds to no module"):
-        load_lora(other, export_lora(source, 1))
-
-
-def test_wrong_rank_fails(tiny_model_dir, pair):
-    source, _ = pair
-    other = load_pipeline(tiny_model_dir).transformer
-    attach_lora(other, LoraConfig(rank=2, alpha=4))
-    with pytest.raises(LoraLoadError, match="lora.rank"):
+    attach_lora(other, lora)
+    with pytest.raises(LoraLoadError, match=message):
         load_lora(other, export_lora(source, 1))
 
 
