@@ -67,7 +67,8 @@ class Chunk:
 class SyncTrainer:
     def __init__(self, config: Config, run_dir: str | Path, resume: bool = False):
         self.config = config
-        self.folder = RunFolder(run_dir)
+        self.run_dir = Path(run_dir)
+        self.folder: RunFolder | None = None  # created once the cluster is known to hold the config
         records = load_prompts(resolve_prompt_path(config.prompts.train), config.prompts.format)
         self.stream = PromptStream(records, config.run.seed)
         self.eval_records = (load_prompts(resolve_prompt_path(config.prompts.eval), config.prompts.format)
@@ -83,6 +84,9 @@ class SyncTrainer:
 
     def start(self) -> None:
         cluster.check_resources(self.config)
+        if self.resume and not (self.run_dir / "checkpoints").is_dir():
+            raise FileNotFoundError(f"--resume {self.run_dir}: no checkpoints/ folder there")
+        self.folder = RunFolder(self.run_dir)
         print(f"flowgrpo: starting {self.config.rollout.num_workers} rollout worker(s), "
               f"{self.config.reward.num_workers} reward worker(s) and the learner", file=sys.stderr)
         self.dashboard = DashboardMetrics()
@@ -105,7 +109,8 @@ class SyncTrainer:
         if self.rollouts:
             cluster.stop(self.rollouts)
             self.rollouts = []
-        self.folder.close()
+        if self.folder is not None:
+            self.folder.close()
         if hasattr(self, "dashboard"):
             self.dashboard.close()
 

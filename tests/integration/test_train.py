@@ -105,7 +105,7 @@ def test_resume_gives_the_same_next_iteration(ray_config, two_iterations, tmp_pa
 def test_too_many_rollout_workers_fail_before_training(ray_config, tmp_path):
     with pytest.raises(ConfigError, match="rollout.num_workers"):
         train(ray_config("rollout.num_workers=8"), tmp_path / "run")
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_model_path_names_the_field(tiny_config, tmp_path):
