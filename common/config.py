@@ -228,6 +228,10 @@ class Config:
         _check(lora.alpha > 0, "lora.alpha", "must be positive")
         _check(len(lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
         rw = self.reward
+        for scorer, fmt in (("ocr", "ocr"), ("geneval", "geneval")):
+            _check(scorer not in rw.weights or self.prompts.format == fmt, "prompts.format",
+                   f"the {scorer} reward reads its targets from {fmt}-format prompts; set prompts.format: {fmt} "
+                   f"(got {self.prompts.format})")
         _check(len(rw.weights) > 0, "reward.weights", "must name at least one scorer, e.g. {jpeg_compressibility: 1.0}")
         for name, w in rw.weights.items():
             _check(name in rw.SCORER_NAMES, f"reward.weights.{name}", f"unknown scorer; known: {', '.join(rw.SCORER_NAMES)}")

@@ -5,7 +5,7 @@ from services.reward.scorers import scorer_needs
 
 
 def _options(*overrides):
-    config = load_config(None, list(overrides))
+    config = load_config(None, ["prompts.format=ocr", *overrides])
     return reward_worker_options(config, [scorer_needs(n, config.reward) for n in config.reward.weights])
 
 

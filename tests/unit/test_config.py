@@ -34,6 +34,8 @@ def test_defaults_are_the_papers_sd35_settings():
     (["reward.endpoints={ocr: 'localhost:5000'}"], "reward.endpoints.ocr", "grpc://"),
     (["train.timestep_fraction=0.05"], "train.timestep_fraction", "trains no step"),
     (["sample.resolution=100"], "sample.resolution", "multiple of 16"),
+    (["reward.weights={ocr: 1.0}", "prompts.format=text"], "prompts.format", "set prompts.format: ocr"),
+    (["reward.weights={geneval: 1.0}", "prompts.format=text"], "prompts.format", "set prompts.format: geneval"),
 ])
 def test_errors_name_the_field(override, field, words):
     with pytest.raises(ConfigError) as err:
@@ -52,7 +54,8 @@ def test_file_errors_name_the_file(tmp_path):
 
 
 def test_yaml_round_trip(tmp_path):
-    c = load_config(None, ["train.learning_rate=1e-4", "reward.weights={ocr: 0.5, pickscore: 0.5}", "run.name=x"])
+    c = load_config(None, ["train.learning_rate=1e-4", "reward.weights={ocr: 0.5, pickscore: 0.5}", "run.name=x",
+                           "prompts.format=ocr", "prompts.train=ocr/train.txt"])
     assert c.train.learning_rate == 1e-4  # PyYAML reads 1e-4 as a string; the loader accepts it
     dump_config(c, tmp_path / "c.yaml")
     again = load_config(tmp_path / "c.yaml")

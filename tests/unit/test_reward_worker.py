@@ -176,8 +176,9 @@ def test_needs():
     (["reward.weights={aesthetic: 1.0}"], "reward.weights.aesthetic", "unknown scorer"),
     (["reward.weights={brightness: .nan}"], "reward.weights.brightness", "finite"),
     (["reward.endpoints={ocr: 'grpc://127.0.0.1:5000'}"], "reward.endpoints.ocr", "not a scorer of reward.weights"),
-    (["reward.weights={ocr: 1.0}", "reward.ocr.det_model_dir=/models/det"], "reward.ocr.det_model_dir", "together"),
-    (["reward.weights={ocr: 1.0}", "reward.ocr.use_gpu=true"], "reward.ocr.use_gpu", "num_gpus"),
+    (["reward.weights={ocr: 1.0}", "prompts.format=ocr", "reward.ocr.det_model_dir=/models/det"],
+     "reward.ocr.det_model_dir", "together"),
+    (["reward.weights={ocr: 1.0}", "prompts.format=ocr", "reward.ocr.use_gpu=true"], "reward.ocr.use_gpu", "num_gpus"),
     (["reward.geneval.device=cuda"], "reward.geneval.device", "num_gpus"),
     (["reward.batch_size=0"], "reward.batch_size", "at least 1"),
     (["reward.geneval.reward=accuracy"], "reward.geneval.reward", "one of"),
@@ -189,6 +190,6 @@ def test_config_errors_name_the_field(overrides, field, words):
 
 
 def test_remote_scorers_skip_local_engine_checks():
-    config = load_config(None, ["reward.weights={ocr: 1.0}", "reward.ocr.use_gpu=true",
+    config = load_config(None, ["reward.weights={ocr: 1.0}", "prompts.format=ocr", "reward.ocr.use_gpu=true",
                                 "reward.endpoints={ocr: 'grpc://127.0.0.1:5000'}"])
     assert config.reward.endpoints == {"ocr": "grpc://127.0.0.1:5000"}
