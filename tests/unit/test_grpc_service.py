@@ -43,7 +43,7 @@ def remote_config(port, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def stub(service):
+def raw_client(service):
     pb2, pb2_grpc = generated()
     channel = grpc.insecure_channel(f"127.0.0.1:{service}")
     yield pb2, pb2_grpc.RewardStub(channel)
@@ -78,8 +78,8 @@ def test_a_batch_of_512px_images_fits_the_message_limits(service):
     assert out.scores.shape == (8,)
 
 
-def test_info(stub):
-    pb2, client = stub
+def test_info(raw_client):
+    pb2, client = raw_client
     info = client.Info(pb2.InfoRequest())
     assert (info.scorer, info.engine) == (SCORER, JpegCompressibility(RewardConfig()).engine)
 
@@ -103,8 +103,8 @@ PNG = encode_png(IMAGES[0])
     (dict(scorer=SCORER, images=[b"x" * (9 * 2**20)], prompts=["a"], metadata=["{}"]), "exceeds the service's limit"),
     (dict(scorer="ocr", images=[PNG], prompts=["a"], metadata=["{}"]), "unknown scorer 'ocr'"),
 ])
-def test_bad_requests_are_invalid_argument(stub, request_fields, words):
-    pb2, client = stub
+def test_bad_requests_are_invalid_argument(raw_client, request_fields, words):
+    pb2, client = raw_client
     with pytest.raises(grpc.RpcError) as err:
         client.Score(pb2.ScoreRequest(**request_fields), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
