@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 from tqdm import tqdm
 
 from common import wire
@@ -76,6 +76,8 @@ class SyncTrainer:
         self.start_iteration = 0
         self.resume = resume
         self.rollouts: list[cluster.RolloutHandle] = []
+        self.rewards: list = []
+        self.learner = None
         self._next_reward = 0
         self._progress: dict[int, float] = {}  # worker -> when its last call finished
         self.version = 0
@@ -106,9 +108,14 @@ class SyncTrainer:
         self.publish_weights(wait=True)
 
     def stop(self) -> None:
+        """Kill every actor this trainer started and free their placement groups."""
         if self.rollouts:
             cluster.stop(self.rollouts)
             self.rollouts = []
+        for actor in [self.learner, *self.rewards] if self.learner is not None else self.rewards:
+            ray.kill(actor, no_restart=True)
+        self.rewards = []
+        self.learner = None
         if self.folder is not None:
             self.folder.close()
         if hasattr(self, "dashboard"):
@@ -304,9 +311,22 @@ class SyncTrainer:
         self.version = ray.get(self.learner.ready.remote())
         loaded = [h.actor.set_weights.remote(self._weights_ref) for h in self.rollouts]
         if wait:
-            for h, v in zip(self.rollouts, ray.get(loaded, timeout=self.config.rollout.timeout_s)):
-                self.dashboard.set_worker_version(h.name, v)
+            for h, ref in zip(self.rollouts, loaded):
+                self.dashboard.set_worker_version(h.name, self._await_load(h, ref))
         return {"time/weight_sync": time.perf_counter() - start, "policy_version": float(self.version)}
+
+    def _await_load(self, handle: cluster.RolloutHandle, ref: ray.ObjectRef) -> int:
+        """The version a worker loaded; a worker that Ray is restarting gets the weights
+        again once it is back (within rollout.timeout_s)."""
+        deadline = time.monotonic() + self.config.rollout.timeout_s
+        while True:
+            try:
+                return ray.get(ref, timeout=self.config.rollout.timeout_s)
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+                ref = handle.actor.set_weights.remote(self._weights_ref)
 
     def save_final_lora(self) -> Path:
         weights = ray.get(self.learner.weights.remote(ema=True))
