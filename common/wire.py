@@ -126,6 +126,26 @@ def concat(batches: Sequence[pa.RecordBatch]) -> pa.Table:
     return pa.Table.from_batches(list(batches))
 
 
+def join_latents(data: pa.Table, rollouts: Sequence[pa.RecordBatch]) -> np.ndarray:
+    """The latents of `data`'s rows, read from the rollout batches they came from.
+
+    Scoring returns batches without latents (DESIGN's largest column: T+1 latents per
+    image), so they travel once, from the rollout worker's output straight to the
+    learner. `data` holds the rows of the groups that survived scoring, in the order of
+    `rollouts`; group keys (`prompt_index`) are unique within an iteration."""
+    kept = set(data.column("prompt_index").to_pylist())
+    parts, keys = [], []
+    for batch in rollouts:
+        index = batch.column("prompt_index").to_numpy()
+        rows = np.flatnonzero(np.isin(index, list(kept)))
+        parts.append(tensor_column(batch, "latents")[rows])
+        keys.append(index[rows])
+    if not np.array_equal(np.concatenate(keys), data.column("prompt_index").to_numpy()):
+        raise ValueError("join_latents: the scored rows are not the rollout rows in order; "
+                         "pass the rollout batches in the order their chunks were concatenated")
+    return np.concatenate(parts)
+
+
 def for_log(data: pa.Table) -> pa.Table:
     """The rollout log's table: the wire schema without latents and images (they go to
     checkpoints and sample grids; a Parquet row per image stays small)."""

@@ -19,9 +19,10 @@ class AsyncTrainer(SyncTrainer):
     def iteration(self, it: int) -> dict[str, float]:
         start = time.perf_counter()
         self.dashboard.set_iteration(it)
-        data, metrics = self.gather(self._ahead or self.launch(it))
+        scored = self.gather(self._ahead or self.launch(it))
+        data, metrics = scored.data, scored.metrics
         self._ahead = self.launch(it + 1) if it + 1 < self.config.run.iterations else None
-        metrics.update(self.learn(data))
+        metrics.update(self.learn(scored))
         metrics.update(self.publish_weights(wait=False))
         metrics.update(self.maybe_evaluate(it))
         self._log(it, data, metrics, start)

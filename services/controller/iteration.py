@@ -51,6 +51,6 @@ def run_local_iteration(rollout, reward, learner, draws: Sequence[tuple[int, Pro
     scored, failures = reward.score(batch)
     data, stats = assign_advantages(wire.concat([scored]), train)
     stats.update(reward_stats(data), groups_failed=float(len(failures)))
-    stats.update(learner.train(data))
+    stats.update(learner.train(data, batch))
     rollout.set_weights(learner.weights())
     return data, stats

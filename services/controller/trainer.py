@@ -53,6 +53,15 @@ class InFlight:
 
 
 @dataclass
+class Scored:
+    """An iteration's scored rows with advantages, the rollout batches they came from
+    (object refs, in the rows' order) and the iteration's metrics so far."""
+    data: pa.Table
+    rollouts: list
+    metrics: dict
+
+
+@dataclass
 class Chunk:
     """One rollout call: whole groups of consecutive draws, with its own seed."""
     index: int
@@ -142,8 +151,9 @@ class SyncTrainer:
     def iteration(self, it: int) -> dict[str, float]:
         start = time.perf_counter()
         self.dashboard.set_iteration(it)
-        data, metrics = self.gather(self.launch(it))
-        metrics.update(self.learn(data))
+        scored = self.gather(self.launch(it))
+        data, metrics = scored.data, scored.metrics
+        metrics.update(self.learn(scored))
         metrics.update(self.publish_weights(wait=True))
         metrics.update(self.maybe_evaluate(it))
         self._log(it, data, metrics, start)
@@ -156,7 +166,7 @@ class SyncTrainer:
             self._dispatch(chunk, chunk.index % len(self.rollouts), flight.pending)
         return flight
 
-    def gather(self, flight: InFlight) -> tuple[pa.Table, dict[str, float]]:
+    def gather(self, flight: InFlight) -> Scored:
         """Wait for the chunks in flight, sending each to a reward worker as it arrives."""
         self.dashboard.set_phase("rollout")
         pending, scoring = flight.pending, {}
@@ -174,28 +184,28 @@ class SyncTrainer:
                     self._progress[chunk.worker] = time.perf_counter()
                     reward_worker = self.rewards[self._next_reward % len(self.rewards)]
                     self._next_reward += 1
-                    scoring[reward_worker.score.remote(ref)] = chunk
+                    scoring[reward_worker.score.remote(ref)] = (chunk, ref)
                     if not pending:
                         rollout_done = time.perf_counter()
                 else:
-                    chunk = scoring.pop(ref)
+                    chunk, rollout_ref = scoring.pop(ref)
                     try:
                         batch, failed = ray.get(ref)
                     except (RayActorError, RayTaskError) as err:  # a worker died, or stale weights
                         lost += self._retry(chunk, err, pending)
                         continue
-                    scored.append((chunk.index, batch))
+                    scored.append((chunk.index, batch, rollout_ref))
                     failures.extend(failed)
             lost += self._expire(pending)
         # Chunk order, not arrival order: the learner's batch is then the same in every run.
-        scored = [batch for _, batch in sorted(scored, key=lambda pair: pair[0]) if batch.num_rows]
+        scored = [(batch, ref) for _, batch, ref in sorted(scored, key=lambda item: item[0]) if batch.num_rows]
         if not scored:
             raise RuntimeError(f"iteration {flight.iteration}: every group was lost or failed scoring "
                                f"({len(failures)} scoring failures, e.g. {failures[:1]}); see the worker logs")
         end = time.perf_counter()
         # the busiest worker bounds the rollout compute (a restarted worker's count starts over)
         busy = max([a - b for a, b in zip(self._rollout_busy_seconds(), flight.busy_before) if a >= b] or [0.0])
-        data = wire.concat(scored)
+        data = wire.concat([batch for batch, _ in scored])
         metrics = {
             "time/rollout": rollout_done - flight.started, "time/reward_tail": end - rollout_done,
             "time/rollout_compute": busy, "images_per_second": data.num_rows / max(rollout_done - flight.started, 1e-9),
@@ -204,13 +214,17 @@ class SyncTrainer:
         }
         self.dashboard.set_images_per_second(metrics["images_per_second"])
         data, adv_stats = assign_advantages(data, self.config.train)
-        return data, {**metrics, **adv_stats, **reward_stats(data)}
+        return Scored(data, [ref for _, ref in scored], {**metrics, **adv_stats, **reward_stats(data)})
 
-    def learn(self, data: pa.Table) -> dict[str, float]:
+    def learn(self, scored: Scored) -> dict[str, float]:
+        """The update. The learner reads the latents straight from the rollout batches
+        (by reference: they never pass through the driver) and the advantages and
+        behaviour log-probs from the scored table, which goes without its images."""
         self.dashboard.set_phase("learn")
         start = time.perf_counter()
-        learner_data = data.drop_columns(["image"])  # the learner needs latents, not pixels
-        metrics = ray.get(self.learner.train.remote(learner_data), timeout=self.config.learner.timeout_s)
+        data = scored.data
+        metrics = ray.get(self.learner.train.remote(data.drop_columns(["image"]), *scored.rollouts),
+                          timeout=self.config.learner.timeout_s)
         staleness = self.version - min(data.column("policy_version").to_pylist())  # learner version minus rollout's
         return {**metrics, "staleness": float(staleness), "time/learn": time.perf_counter() - start}
 

@@ -66,8 +66,9 @@ class Learner:
                 return export_lora(self.transformer, self.version)
         return export_lora(self.transformer, self.version)
 
-    def train(self, data: pa.Table) -> dict[str, float]:
-        """One GRPO update on a scored batch with advantages; bumps the policy version."""
+    def train(self, data: pa.Table, *rollouts: pa.RecordBatch) -> dict[str, float]:
+        """One GRPO update on a scored batch with advantages (no latents) and the rollout
+        batches its rows came from (their latents); bumps the policy version."""
         start = time.perf_counter()
         cfg, t = self.config, self.config.train
         advantages = data.column("advantage").to_numpy()
@@ -75,9 +76,9 @@ class Learner:
         if len(keep) == 0:
             self.version += 1
             return {"samples_trained": 0.0, "learn_seconds": time.perf_counter() - start}
-        data = data.take(pa.array(keep))
         steps = self.trained_steps
-        latents = torch.tensor(wire.tensor_column(data, "latents")[:, : steps + 1], device=self.device)
+        latents = torch.from_numpy(wire.join_latents(data, rollouts)[keep, : steps + 1]).to(self.device)
+        data = data.take(pa.array(keep))
         old_log_probs = torch.tensor(wire.list_column(data, "log_probs")[:, :steps], device=self.device)
         adv = torch.from_numpy(advantages[keep]).float().to(self.device)
         self._check_timesteps(wire.list_column(data, "timesteps"))

@@ -95,7 +95,9 @@ class RewardWorker:
 
     def score(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, list[GroupFailure]]:
         """The rows of fully scored groups with `rewards` and `reward` columns added
-        (common.wire.with_scores), and one GroupFailure per dropped group."""
+        (common.wire.with_scores), without the latents (the learner reads those from
+        the rollout batch itself: scoring does not copy them), and one GroupFailure per
+        dropped group."""
         images = tensor_column(batch, "image")
         prompts = batch.column("prompt").to_pylist()
         metadata = metadata_column(batch)
@@ -106,7 +108,10 @@ class RewardWorker:
             scores[name] = self._score_all(name, images, prompts, metadata, groups, failures)
         keep = ~np.isin(groups, list(failures))
         total = sum(weight * scores[name] for name, weight in self.weights.items())
-        scored = with_scores(batch.filter(pa.array(keep)), {n: s[keep] for n, s in scores.items()}, total[keep])
+        rows = batch.filter(pa.array(keep))
+        if "latents" in rows.schema.names:
+            rows = rows.drop_columns(["latents"])
+        scored = with_scores(rows, {n: s[keep] for n, s in scores.items()}, total[keep])
         self._failed_groups += len(failures)
         return scored, list(failures.values())
 

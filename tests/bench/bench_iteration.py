@@ -69,7 +69,7 @@ def main() -> None:
         t2 = time.perf_counter()
         data, _ = assign_advantages(wire.concat([scored]), config.train)
         t3 = time.perf_counter()
-        learner.train(data)
+        learner.train(data, batch)
         t4 = time.perf_counter()
         rollout.set_weights(learner.weights())
         t5 = time.perf_counter()
@@ -77,7 +77,7 @@ def main() -> None:
         import services.learner.learner as learner_module
         learner_module.guided_velocity = joint_cfg_velocity
         try:
-            learner.train(data)
+            learner.train(data, batch)
         finally:
             learner_module.guided_velocity = original
         t6 = time.perf_counter()

@@ -35,7 +35,7 @@ def test_one_iteration_end_to_end(workers):
 
     g = config.sample.group_size
     assert data.num_rows == 2 * g
-    assert wire.tensor_column(data, "latents").shape == (2 * g, config.sample.train_steps + 1, 16, 4, 4)
+    assert "latents" not in data.column_names  # scoring passes them by; the learner reads the rollout batch
     assert wire.list_column(data, "log_probs").shape == (2 * g, config.sample.train_steps)
     # on-policy: before the first update the learner recomputes exactly the rollout's log-probs
     assert metrics["ratio_dev_before_update"] < 1e-5
@@ -54,6 +54,7 @@ def test_rollout_is_deterministic_for_a_seed(workers):
     a = rollout.generate(["a red cat"], [0], [{}], seed=5)
     b = rollout.generate(["a red cat"], [0], [{}], seed=5)
     c = rollout.generate(["a red cat"], [0], [{}], seed=6)
+    assert wire.tensor_column(a, "latents").shape == (config.sample.group_size, config.sample.train_steps + 1, 16, 4, 4)
     assert np.array_equal(wire.tensor_column(a, "latents"), wire.tensor_column(b, "latents"))
     assert not np.array_equal(wire.tensor_column(a, "latents"), wire.tensor_column(c, "latents"))
     assert wire.tensor_column(a, "image").dtype == np.uint8
