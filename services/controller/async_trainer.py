@@ -8,25 +8,19 @@ time is hidden behind rollouts instead of adding to them.
 """
 from __future__ import annotations
 
-import time
-
-from services.controller.trainer import InFlight, SyncTrainer
+from services.controller.trainer import InFlight, Scored, SyncTrainer
 
 
 class AsyncTrainer(SyncTrainer):
+    wait_for_weights = False  # the new LoRA is queued behind the calls already dispatched
     _ahead: InFlight | None = None
 
-    def iteration(self, it: int) -> dict[str, float]:
-        start = time.perf_counter()
-        self.dashboard.set_iteration(it)
+    def rollouts_of(self, it: int) -> Scored:
+        """Gather iteration `it` (launched during the previous update), then launch
+        iteration `it + 1` with the weights the workers hold now."""
         scored = self.gather(self._ahead or self.launch(it))
-        data, metrics = scored.data, scored.metrics
         self._ahead = self.launch(it + 1) if it + 1 < self.config.run.iterations else None
-        metrics.update(self.learn(scored))
-        metrics.update(self.publish_weights(wait=False))
-        metrics.update(self.maybe_evaluate(it))
-        self._log(it, data, metrics, start)
-        return metrics
+        return scored
 
     def stream_state_at(self, iteration: int) -> dict:
         """The next iteration's prompts are already drawn: a resumed run draws them again."""

@@ -148,16 +148,22 @@ class SyncTrainer:
         self.save_final_lora()
         return history
 
+    wait_for_weights = True  # sync: the next rollouts start only once every worker holds the new LoRA
+
     def iteration(self, it: int) -> dict[str, float]:
         start = time.perf_counter()
         self.dashboard.set_iteration(it)
-        scored = self.gather(self.launch(it))
+        scored = self.rollouts_of(it)
         data, metrics = scored.data, scored.metrics
         metrics.update(self.learn(scored))
-        metrics.update(self.publish_weights(wait=True))
+        metrics.update(self.publish_weights(wait=self.wait_for_weights))
         metrics.update(self.maybe_evaluate(it))
         self._log(it, data, metrics, start)
         return metrics
+
+    def rollouts_of(self, it: int) -> Scored:
+        """The scored rollouts of iteration `it`, sampled with the current LoRA."""
+        return self.gather(self.launch(it))
 
     def launch(self, it: int) -> InFlight:
         """Dispatch the iteration's rollout chunks round-robin over the workers."""
