@@ -74,6 +74,12 @@ class Scorer(ABC):
         GPU or an optional engine override this."""
         return ScorerNeeds(num_gpus=0.0, num_cpus=config.num_cpus, pip=[])
 
+    @staticmethod
+    def model_needs(config: RewardConfig, device: str) -> ScorerNeeds:
+        """A scorer that runs a torch model: the reward worker's GPU share
+        (reward.num_gpus) unless the scorer's device is the CPU."""
+        return ScorerNeeds(num_gpus=0.0 if device == "cpu" else config.num_gpus, num_cpus=config.num_cpus, pip=[])
+
     def score(self, images, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> ScoreOutput:
         arrays = to_rgb_arrays(images)
         if not len(arrays) == len(prompts) == len(metadata):

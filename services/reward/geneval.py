@@ -165,8 +165,7 @@ class GenevalScorer(Scorer):
 
     @classmethod
     def needs(cls, config: RewardConfig) -> ScorerNeeds:
-        gpus = 0.0 if config.geneval.device == "cpu" else config.num_gpus
-        return ScorerNeeds(num_gpus=gpus, num_cpus=config.num_cpus, pip=[])
+        return cls.model_needs(config, config.geneval.device)
 
     def _score(self, images, prompts, metadata):
         errors = {}

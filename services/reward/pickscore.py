@@ -37,8 +37,7 @@ class PickScoreScorer(Scorer):
 
     @classmethod
     def needs(cls, config: RewardConfig) -> ScorerNeeds:
-        gpus = 0.0 if config.pickscore.device == "cpu" else config.num_gpus
-        return ScorerNeeds(num_gpus=gpus, num_cpus=config.num_cpus, pip=[])
+        return cls.model_needs(config, config.pickscore.device)
 
     def _score(self, images, prompts, metadata):
         pixels = self.processor(images=[Image.fromarray(im) for im in images], return_tensors="pt")["pixel_values"]
