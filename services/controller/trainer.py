@@ -34,7 +34,7 @@ from services.controller.iteration import assign_advantages, reward_stats
 from services.controller.run_folder import RunFolder
 from services.learner.learner import Learner
 from services.reward.scorers import scorer_needs
-from services.reward.worker import RewardWorker
+from services.reward.worker import RewardWorker, combine_metrics
 from services.rollout.worker import RolloutWorker
 
 CHUNK_RETRIES = 3
@@ -110,6 +110,9 @@ class SyncTrainer:
                          for i in range(self.config.rollout.num_workers)]
         ray.get([self.learner.ready.remote()] + [w.ready.remote() for w in self.rewards]
                 + [h.actor.ready.remote() for h in self.rollouts])
+        engines = ray.get(self.rewards[0].engines.remote())
+        print("flowgrpo: reward " + " + ".join(f"{weight:g} x {name} [{engines[name]}]"
+                                               for name, weight in self.config.reward.weights.items()), file=sys.stderr)
         if self.resume:
             self._restore()
         else:
@@ -205,6 +208,9 @@ class SyncTrainer:
             lost += self._expire(pending)
         # Chunk order, not arrival order: the learner's batch is then the same in every run.
         scored = [(batch, ref) for _, batch, ref in sorted(scored, key=lambda item: item[0]) if batch.num_rows]
+        if failures:
+            tqdm.write(f"flowgrpo: iteration {flight.iteration}: {len(failures)} group(s) dropped, their scoring "
+                       f"failed; first: {failures[0].scorer}: {failures[0].reason}", file=sys.stderr)
         if not scored:
             raise RuntimeError(f"iteration {flight.iteration}: every group was lost or failed scoring "
                                f"({len(failures)} scoring failures, e.g. {failures[:1]}); see the worker logs")
@@ -220,7 +226,20 @@ class SyncTrainer:
         }
         self.dashboard.set_images_per_second(metrics["images_per_second"])
         data, adv_stats = assign_advantages(data, self.config.train)
-        return Scored(data, [ref for _, ref in scored], {**metrics, **adv_stats, **reward_stats(data)})
+        metrics.update(adv_stats, **reward_stats(data), **self.scorer_metrics())
+        return Scored(data, [ref for _, ref in scored], metrics)
+
+    def scorer_metrics(self) -> dict[str, float]:
+        """The reward workers' cumulative scorer metrics under `scorer/` (images/s, seconds
+        per call, failed calls, retries, NaN scores, the engine); a worker that is
+        restarting is left out this time."""
+        per_worker = []
+        for ref in [w.metrics.remote() for w in self.rewards]:
+            try:
+                per_worker.append(ray.get(ref, timeout=self.config.reward.timeout_s))
+            except (RayActorError, GetTimeoutError):
+                continue
+        return {f"scorer/{key}": value for key, value in combine_metrics(per_worker).items()}
 
     def learn(self, scored: Scored) -> dict[str, float]:
         """The update. The learner reads the latents straight from the rollout batches
@@ -365,7 +384,7 @@ class SyncTrainer:
         self.folder.append_rollouts(data)
         self.folder.plot_rewards()
         every = self.config.run.sample_images_every
-        if every and it % every == 0:
+        if every and (it % every == 0 or it + 1 == self.config.run.iterations):  # the first, every N-th and the last
             head = data.slice(0, min(16, data.num_rows))
             self.folder.save_sample_grid(it, wire.tensor_column(head, "image"), head.column("prompt").to_pylist(),
                                          head.column("reward").to_pylist())

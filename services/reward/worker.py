@@ -160,17 +160,40 @@ class RewardWorker:
         raise ScorerCallFailed(f"{name} [{scorer.engine}] failed {attempts} time(s); last error: {error}")
 
     def metrics(self) -> dict[str, float]:
-        """Cumulative: per scorer images/s and seconds per successful call, calls, failed
-        calls, retries, NaN scores, the scorer's own counts (OCR: empty, engine_error),
-        and `<name>/engine/<engine>` = 1 naming the engine; `failed_groups` overall."""
+        """Cumulative, per scorer: images, seconds and calls (successful), images/s and
+        seconds per call, failed calls, retries, NaN scores, the scorer's own counts
+        (OCR: empty, engine_error), and `<name>/engine/<engine>` = 1 naming the engine;
+        `failed_groups` overall. `combine_metrics` adds up several workers' metrics."""
         out = {"failed_groups": float(self._failed_groups)}
         for name, s in self._stats.items():
-            out[f"{name}/images_per_s"] = s.images / s.seconds if s.seconds else 0.0
-            out[f"{name}/seconds_per_call"] = s.seconds / s.calls if s.calls else 0.0
+            out[f"{name}/images"] = float(s.images)
+            out[f"{name}/seconds"] = s.seconds
             out[f"{name}/calls"] = float(s.calls)
             out[f"{name}/failed_calls"] = float(s.failed_calls)
             out[f"{name}/retries"] = float(s.retries)
             out[f"{name}/nan_scores"] = float(s.nan_scores)
             out.update({f"{name}/{key}": float(value) for key, value in s.counts.items()})
             out[f"{name}/engine/{self.scorers[name].engine}"] = 1.0
-        return out
+        return _with_rates(out)
+
+
+def combine_metrics(per_worker: list[dict[str, float]]) -> dict[str, float]:
+    """The metrics of several reward workers as those of one: counters add up, rates are
+    recomputed from the summed images, seconds and calls (an engine marker then counts
+    the workers running that engine)."""
+    total: Counter = Counter()
+    for metrics in per_worker:
+        total.update({key: value for key, value in metrics.items() if not key.endswith(_RATES)})
+    return _with_rates(dict(total))
+
+
+_RATES = ("/images_per_s", "/seconds_per_call")
+
+
+def _with_rates(metrics: dict[str, float]) -> dict[str, float]:
+    """Add `<name>/images_per_s` and `<name>/seconds_per_call` from the counters."""
+    for name in [key[:-len("/images")] for key in metrics if key.endswith("/images")]:
+        seconds, calls = metrics[f"{name}/seconds"], metrics[f"{name}/calls"]
+        metrics[f"{name}/images_per_s"] = metrics[f"{name}/images"] / seconds if seconds else 0.0
+        metrics[f"{name}/seconds_per_call"] = seconds / calls if calls else 0.0
+    return metrics

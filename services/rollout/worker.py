@@ -40,6 +40,10 @@ class RolloutWorker:
     def ready(self) -> str:
         return self.name
 
+    def policy_version(self) -> int:
+        """The LoRA version this worker samples with (0 after a restart, until it is sent one)."""
+        return self.version
+
     def busy_seconds(self) -> float:
         """Seconds spent generating since start (the controller diffs it per iteration)."""
         return self._busy_seconds

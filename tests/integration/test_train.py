@@ -36,7 +36,7 @@ def two_iterations(ray_config, tmp_path_factory):
     trainer.start()
     try:
         history = trainer.train()
-        versions = ray.get([h.actor.set_weights.remote(trainer._weights_ref) for h in trainer.rollouts])
+        versions = ray.get([h.actor.policy_version.remote() for h in trainer.rollouts])
         learner_version = ray.get(trainer.learner.ready.remote())
     finally:
         trainer.stop()
@@ -66,8 +66,10 @@ def test_run_folder_has_everything(two_iterations):
     assert [r["iteration"] for r in rows] == [0, 1]
     for key in ["reward/brightness/mean", "reward/brightness/std", "advantage_mean", "zero_std_group_fraction",
                 "clip_fraction", "approx_kl", "kl", "loss", "grad_norm", "time/rollout", "time/reward_tail",
-                "time/learn", "time/weight_sync", "images_per_second", "overhead_fraction"]:
+                "time/learn", "time/weight_sync", "images_per_second", "overhead_fraction",
+                "scorer/brightness/images_per_s", "scorer/brightness/failed_calls", "scorer/brightness/engine/numpy-mean"]:
         assert key in rows[-1], key
+    assert rows[-1]["scorer/brightness/images"] == 2 * 2 * 4  # cumulative over both iterations
     log = pq.read_table(run_dir / "rollouts")
     assert log.num_rows == 2 * 2 * 4
     assert "latents" not in log.column_names and "advantage" in log.column_names
@@ -120,7 +122,7 @@ def test_dead_rollout_worker_is_replaced_and_its_chunks_resampled(ray_config, tm
         first = trainer.iteration(0)
         ray.kill(trainer.rollouts[0].actor, no_restart=False)  # Ray restarts it with version 0 weights
         second = trainer.iteration(1)
-        versions = ray.get([h.actor.set_weights.remote(trainer._weights_ref) for h in trainer.rollouts])
+        versions = ray.get([h.actor.policy_version.remote() for h in trainer.rollouts])
     finally:
         trainer.stop()
     assert second["chunks_resampled"] >= 1

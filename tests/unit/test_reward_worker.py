@@ -136,6 +136,19 @@ def test_metrics_report_throughput_calls_and_engines():
     assert worker.engines() == {"brightness": "numpy-mean"}
 
 
+def test_metrics_of_several_workers_combine_into_one():
+    a, b = (RewardWorker(RewardConfig(weights={"brightness": 1.0}, batch_size=4)) for _ in range(2))
+    a.score(rollout_batch())
+    b.score(rollout_batch(groups=(0, 0)))
+    ma, mb = a.metrics(), b.metrics()
+    m = worker_module.combine_metrics([ma, mb])
+    assert m["brightness/images"] == 8 and m["brightness/calls"] == 3
+    assert m["brightness/seconds"] == pytest.approx(ma["brightness/seconds"] + mb["brightness/seconds"])
+    assert m["brightness/images_per_s"] == pytest.approx(8 / m["brightness/seconds"])
+    assert m["brightness/seconds_per_call"] == pytest.approx(m["brightness/seconds"] / 3)
+    assert m["brightness/engine/numpy-mean"] == 2 and m["failed_groups"] == 0
+
+
 def test_ocr_counts_reach_the_metrics():
     worker = RewardWorker(RewardConfig(weights={"ocr": 1.0}))
     batch = rollout_batch(groups=(0,), size=64)
