@@ -3,6 +3,7 @@
     RUN_DIR/
       config.yaml                 the validated config the run started with
       metrics.jsonl               one JSON object a line: {"iteration": i, ...metrics}; NaN/inf -> null
+      tensorboard/                the same numbers as TensorBoard scalars (`tensorboard --logdir RUN_DIR`)
       reward_curve.png            reward mean +- std per reward name against the iteration
       samples/iter_000010.png     sample grids, the reward under each image
       rollouts/part-00000.parquet the rollout log (wire schema without latents and images),
@@ -14,7 +15,7 @@
 Reward metrics follow one naming rule so the plot can find them: `reward/<name>/mean` and
 `reward/<name>/std` (`reward_summary` builds them). A resumed run opens the same folder and
 calls `truncate_after(checkpoint iteration)`, so the metrics of iterations it repeats are not
-logged twice. A Parquet part is readable only once closed (its footer is written last): a
+logged twice (TensorBoard's events after that iteration are purged as well). A Parquet part is readable only once closed (its footer is written last): a
 part left open by a killed process is renamed `_part-N.parquet.incomplete` when the next writer
 starts, so the directory stays readable. One process writes to a run folder at a time.
 """
@@ -61,6 +62,8 @@ class RunFolder:
         self.metrics_path = self.path / "metrics.jsonl"
         self.rollouts_dir = self.path / "rollouts"
         self._writer: pq.ParquetWriter | None = None
+        self._tensorboard = None  # a SummaryWriter, opened with the first metrics line
+        self._purge_step: int | None = None
         self._drop_torn_metrics_line()
 
     def __enter__(self) -> "RunFolder":
@@ -84,6 +87,17 @@ class RunFolder:
         line = json.dumps({"iteration": int(iteration), **_jsonable(dict(metrics))}, allow_nan=False)
         with open(self.metrics_path, "a", encoding="utf-8") as f:  # closing flushes every line
             f.write(line + "\n")
+        self._log_tensorboard(iteration, metrics)
+
+    def _log_tensorboard(self, iteration: int, metrics: Mapping[str, Any]) -> None:
+        if self._tensorboard is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(self.path / "tensorboard"), purge_step=self._purge_step)
+        for key, value in metrics.items():
+            if isinstance(value, (int, float, np.number)) and math.isfinite(value):
+                self._tensorboard.add_scalar(key, float(value), iteration)
+        self._tensorboard.flush()  # an iteration takes seconds to minutes: each one is visible at once
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
@@ -100,6 +114,7 @@ class RunFolder:
     def truncate_after(self, iteration: int) -> None:
         """Drop the metrics of iterations after `iteration`: a run resumed from the
         checkpoint of `iteration` logs them again."""
+        self._purge_step = iteration + 1
         kept = [row for row in self.read_metrics() if row["iteration"] <= iteration]
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
@@ -199,10 +214,13 @@ class RunFolder:
         return self.rollouts_dir / f"part-{max(numbers) + 1:05d}.parquet"
 
     def close(self) -> None:
-        """Finish the Parquet part (writes its footer); the part is unreadable before."""
+        """Finish the Parquet part (writes its footer; the part is unreadable before) and the TensorBoard log."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
     # ------------------------------------------------------------ checkpoints and LoRA
 

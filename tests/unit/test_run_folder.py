@@ -1,5 +1,6 @@
 """The run folder: metrics lines, plots, sample grids, the Parquet rollout log, checkpoints."""
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +57,30 @@ def test_resume_truncates_later_metrics_and_a_torn_line(tmp_path):
     resumed.log_metrics(4, {"loss": 40})
     assert resumed.read_metrics() == [{"iteration": 1, "loss": 1}, {"iteration": 2, "loss": 2},
                                       {"iteration": 3, "loss": 3}, {"iteration": 4, "loss": 40}]
+
+
+def tensorboard_scalars(directory, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def test_metrics_reach_tensorboard_and_a_resume_replaces_the_repeated_steps(tmp_path):
+    run = RunFolder(tmp_path)
+    for i in range(1, 5):
+        run.log_metrics(i, {"loss": float(i), "kl": float("nan"), "grad": [1.0]})
+    run.close()
+    assert tensorboard_scalars(tmp_path / "tensorboard", "loss") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+    # Event files are read in name order, which starts with the creation second and ends with a
+    # per-process counter; a resumed run is a later process, so make the second differ too.
+    time.sleep(1.05)
+    resumed = RunFolder(tmp_path)
+    resumed.truncate_after(2)
+    resumed.log_metrics(3, {"loss": 30.0})
+    resumed.close()
+    assert tensorboard_scalars(tmp_path / "tensorboard", "loss") == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
 
 def test_reward_plot_draws_each_reward_name(tmp_path):
