@@ -10,7 +10,8 @@ prints images/s per scorer. With --grpc it also serves each scorer on 127.0.0.1 
 reports the round trip of one batch through the service (PNG encoding, transfer,
 decoding) against the in-process call.
 --tiny points geneval and pickscore at tiny random models built in a temporary
-directory: their throughput is then the tiny models', not the production ones'.
+directory: their throughput is then the tiny models', not the production ones'. A
+scorer whose model cannot be loaded here is reported as not measured.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
 from common.config import load_config
+from common.models import quiet_libraries
 from common.wire import make_rollout_batch
 from services.reward.grpc_service import serve
 from services.reward.worker import RewardWorker
@@ -73,6 +75,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--grpc", action="store_true", help="also time each scorer through a local gRPC service")
     args = parser.parse_args(argv)
+    quiet_libraries()
 
     reward = load_config(args.config, args.overrides).reward
     with tempfile.TemporaryDirectory(prefix="flowgrpo-bench-") as root:
@@ -83,7 +86,11 @@ def main(argv=None) -> None:
                              pickscore=replace(reward.pickscore, processor=clip, model=clip))
         batch = sample_batch(args.batch, args.size)
         for name in args.scorers:
-            print(bench_one(name, reward, batch, args.repeats, args.grpc), flush=True)
+            try:
+                line = bench_one(name, reward, batch, args.repeats, args.grpc)
+            except Exception as err:  # a model that is not on this machine: say so, go on with the others
+                line = f"{name:22s} not measured: {type(err).__name__}: {str(err).splitlines()[0]}"
+            print(line, flush=True)
 
 
 def bench_one(name: str, reward, batch: pa.RecordBatch, repeats: int, grpc: bool) -> str:
