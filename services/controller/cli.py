@@ -12,13 +12,13 @@ DEFAULT_CONFIG = REPO_ROOT / "deploy" / "configs" / "tiny_cpu.yaml"
 
 EPILOG = """\
 examples:
-  flowgrpo train                                   tiny CPU run on a local Ray cluster (a few minutes)
+  flowgrpo train                                   tiny CPU run on a local Ray cluster (about a minute)
   flowgrpo train --set run.iterations=50 --set rollout.num_workers=1
   flowgrpo train --config deploy/configs/sd35_geneval.yaml --run-dir runs/geneval
   flowgrpo train --resume runs/geneval             continue from the last checkpoint
   flowgrpo make-tiny-model /tmp/tiny --preset m    the offline tiny SD3.5-architecture model
-  flowgrpo make-prompts geneval $FLOWGRPO_DATASETS/geneval/train_metadata.jsonl \
-      --avoid $FLOWGRPO_DATASETS/geneval/test_metadata.jsonl
+  flowgrpo make-prompts geneval train.jsonl --avoid test_metadata.jsonl
+                                                   GenEval-style training prompts, none from the test set
   flowgrpo serve-reward --scorer ocr --port 50051  a scorer behind gRPC, in its own process
 """
 
