@@ -15,9 +15,10 @@
 Reward metrics follow one naming rule so the plot can find them: `reward/<name>/mean` and
 `reward/<name>/std` (`reward_summary` builds them). A resumed run opens the same folder and
 calls `truncate_after(checkpoint iteration)`, so the metrics of iterations it repeats are not
-logged twice (TensorBoard's events after that iteration are purged as well). A Parquet part is readable only once closed (its footer is written last): a
-part left open by a killed process is renamed `_part-N.parquet.incomplete` when the next writer
-starts, so the directory stays readable. One process writes to a run folder at a time.
+logged twice (TensorBoard's events after that iteration are purged as well). A Parquet part
+is readable only once closed (its footer is written last): a part left open by a killed
+process is renamed `_part-N.parquet.incomplete` when the next writer starts, so the
+directory stays readable. One process writes to a run folder at a time.
 """
 from __future__ import annotations
 
@@ -214,7 +215,7 @@ class RunFolder:
         return self.rollouts_dir / f"part-{max(numbers) + 1:05d}.parquet"
 
     def close(self) -> None:
-        """Finish the Parquet part (writes its footer; the part is unreadable before) and the TensorBoard log."""
+        """Finish the Parquet part (its footer: the part is unreadable before) and the TensorBoard log."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
