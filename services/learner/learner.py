@@ -90,7 +90,7 @@ class Learner:
         # Metrics stay tensors on the device until the end: no GPU sync per step.
         sums: dict[str, torch.Tensor] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
-        first_step_ratio_dev = torch.zeros(())
+        first_step_ratio_dev = torch.zeros((), device=self.device)
         for epoch in range(t.inner_epochs):
             order = torch.randperm(len(keep), generator=self.generator)
             for k, chunk in enumerate(order.tensor_split(t.optimizer_steps_per_iteration)):
@@ -104,7 +104,7 @@ class Learner:
                         sums[name] += value
                         counts[name] += 1
                         if epoch == 0 and k == 0 and name == "ratio_dev":
-                            first_step_ratio_dev = torch.maximum(first_step_ratio_dev, value.cpu())
+                            first_step_ratio_dev = torch.maximum(first_step_ratio_dev, value)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
                 self.optimizer.step()
                 if self.ema is not None:
