@@ -177,6 +177,9 @@ class RewardWorker:
         return _with_rates(out)
 
 
+_RATES = ("/images_per_s", "/seconds_per_call")  # derived from the counters, never summed
+
+
 def combine_metrics(per_worker: list[dict[str, float]]) -> dict[str, float]:
     """The metrics of several reward workers as those of one: counters add up, rates are
     recomputed from the summed images, seconds and calls (an engine marker then counts
@@ -185,9 +188,6 @@ def combine_metrics(per_worker: list[dict[str, float]]) -> dict[str, float]:
     for metrics in per_worker:
         total.update({key: value for key, value in metrics.items() if not key.endswith(_RATES)})
     return _with_rates(dict(total))
-
-
-_RATES = ("/images_per_s", "/seconds_per_call")
 
 
 def _with_rates(metrics: dict[str, float]) -> dict[str, float]:
