@@ -36,9 +36,16 @@ ATTENTION_PROJECTIONS = [
 class ModelConfig:
     """The base pipeline. `path` is a local directory or a hub id (e.g.
     stabilityai/stable-diffusion-3.5-medium). `tiny_preset` builds the offline tiny
-    model at `path` when the directory does not exist (CPU runs and tests)."""
+    model at `path` when the directory does not exist (CPU runs and tests).
+
+    `precision` (common.models.Precision): `fp16-mixed` is the paper's (accelerate's
+    mixed precision: float32 transformer weights run under float16 autocast, text
+    encoders in float16; its FAQ prefers fp16 to bf16 for log-prob consistency);
+    `bf16` keeps the transformer and text encoders in bfloat16 (half the memory);
+    `fp32` runs everything in float32; `auto` is fp16-mixed on a GPU, fp32 on the CPU.
+    The VAE always decodes in float32 and the SDE math always runs in float32."""
     path: str = "stabilityai/stable-diffusion-3.5-medium"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    precision: Literal["auto", "fp16-mixed", "bf16", "fp32"] = "auto"
     device: str = "auto"
     max_sequence_length: int = 128
     tiny_preset: Optional[Literal["s", "m"]] = None
@@ -57,11 +64,20 @@ class SampleConfig:
     prompts_per_iteration: int = 48
     batch_size: int = 8
     negative_prompt: str = ""
+    same_latent: bool = False  # upstream's option: every image of a group starts from the same noise
 
 
 @dataclass
 class TrainConfig:
-    """The GRPO update (DESIGN.md §1): clipped ratio, KL to the LoRA-disabled reference."""
+    """The GRPO update (DESIGN.md §1): clipped ratio, KL to the LoRA-disabled reference.
+
+    `cfg_gradient`: `joint` (the paper's) recomputes the guided velocity
+    v = v_u + s (v_c - v_u) with the rollout's very forward, one batch of 2B
+    [uncond; cond], and backpropagates through both branches; `detached` runs the
+    unconditional branch under no_grad (a backward over B samples instead of 2B,
+    cheaper, but a different gradient and a different forward than the rollout's).
+    EMA (`ema_decay`, `ema_every`): at optimizer step s (from 0), when
+    (s + 1) % ema_every == 0, ema <- d ema + (1 - d) w with d = min((1 + s) / (10 + s), ema_decay)."""
     learning_rate: float = 3e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -79,6 +95,7 @@ class TrainConfig:
     ema: bool = True
     ema_decay: float = 0.9
     ema_every: int = 8
+    cfg_gradient: Literal["joint", "detached"] = "joint"
 
 
 @dataclass

@@ -48,12 +48,17 @@ def sigma_schedule(scheduler, num_steps: int, device: torch.device) -> tuple[tor
 
 
 def guided_velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor, cond: PromptEmbeds,
-                    uncond: PromptEmbeds, guidance_scale: float, grad: bool = False) -> torch.Tensor:
+                    uncond: PromptEmbeds, guidance_scale: float, detach_uncond: bool = False) -> torch.Tensor:
     """v = v_uncond + s (v_cond - v_uncond), the classifier-free-guided velocity.
 
-    Without `grad` (rollout) both branches run as one batch of 2B. With `grad` (learner)
-    the unconditional branch runs under no_grad, as the paper's code detaches it: the
-    backward pass then covers B samples rather than 2B, a third less learner compute.
+    By default both branches run as one forward of a 2B batch [uncond; cond]: the
+    rollout (under no_grad) and the learner (with gradients through both branches, as
+    the paper's code) then run the very same forward, so the learner's first-step
+    log-probs equal the rollout's also in low precision. With `detach_uncond`
+    (train.cfg_gradient: detached) the unconditional branch runs alone under no_grad
+    and only the conditional one is differentiated: a backward over B samples instead
+    of 2B, cheaper, but a different gradient, and a forward whose batch differs from
+    the rollout's (in low precision its kernels may round differently).
     """
     batch = latents.shape[0]
     t = timestep.to(latents.device, torch.float32).expand(batch) if timestep.ndim == 0 else timestep
@@ -64,14 +69,12 @@ def guided_velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor, 
 
     if guidance_scale == 1.0:
         return run(latents, t, cond)
-    if not grad:
-        with torch.no_grad():
-            both = run(torch.cat([latents, latents]), torch.cat([t, t]),
-                       PromptEmbeds(torch.cat([uncond.tokens, cond.tokens]),
-                                    torch.cat([uncond.pooled, cond.pooled])))
-        v_uncond, v_cond = both.chunk(2)
-    else:
+    if detach_uncond:
         with torch.no_grad():
             v_uncond = run(latents, t, uncond)
         v_cond = run(latents, t, cond)
+    else:
+        both = run(torch.cat([latents, latents]), torch.cat([t, t]),
+                   PromptEmbeds(torch.cat([uncond.tokens, cond.tokens]), torch.cat([uncond.pooled, cond.pooled])))
+        v_uncond, v_cond = both.chunk(2)
     return v_uncond + guidance_scale * (v_cond - v_uncond)

@@ -69,11 +69,30 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on a GPU (the paper's setting) and float32 on the CPU."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+@dataclass(frozen=True)
+class Precision:
+    """How each part of the pipeline computes (`model.precision`).
+
+    `transformer` is the dtype of the transformer's weights and of the latents it
+    consumes (what rollouts store); `autocast`, when set, is the dtype its forward
+    runs in under torch.autocast (accelerate's mixed precision, as the paper's
+    script); `text` is the text encoders' dtype. The VAE always decodes in float32.
+    """
+    transformer: torch.dtype
+    text: torch.dtype
+    autocast: torch.dtype | None = None
+
+    @staticmethod
+    def resolve(name: str, device: torch.device) -> "Precision":
+        if name == "auto":
+            name = "fp16-mixed" if device.type == "cuda" else "fp32"
+        if name == "fp16-mixed":
+            return Precision(torch.float32, torch.float16, autocast=torch.float16)
+        if name == "bf16":
+            return Precision(torch.bfloat16, torch.bfloat16)
+        if name == "fp32":
+            return Precision(torch.float32, torch.float32)
+        raise ValueError(f"model.precision: unknown precision {name!r}; choose auto, fp16-mixed, bf16 or fp32")
 
 
 def quiet_libraries() -> None:
@@ -96,9 +115,10 @@ def is_hub_id(path: str) -> bool:
     return bool(_HUB_ID.fullmatch(path))
 
 
-def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  with_vae: bool = True):
-    """Load a StableDiffusion3Pipeline from a local directory or a hub id, frozen.
+def load_pipeline(path: str, precision: Precision = Precision(torch.float32, torch.float32),
+                  device: str | torch.device = "cpu", with_vae: bool = True):
+    """Load a StableDiffusion3Pipeline from a local directory or a hub id, frozen, in
+    `precision` (the VAE in float32).
 
     `with_vae=False` skips the VAE (the learner never decodes images)."""
     from diffusers import StableDiffusion3Pipeline
@@ -109,7 +129,8 @@ def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device: str | t
         raise FileNotFoundError(f"model.path: directory {path} does not exist "
                                 "(build a tiny model there with `flowgrpo make-tiny-model DIR`)")
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **extra)
+        dtypes = {"transformer": precision.transformer, "vae": torch.float32, "default": precision.text}
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtypes, **extra)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set and it is not in the local cache)" if offline else ""
@@ -120,7 +141,24 @@ def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device: str | t
             module.requires_grad_(False)
             module.eval()
     pipe.set_progress_bar_config(disable=True)
+    if precision.autocast is not None:
+        _autocast_forward(pipe.transformer, precision.autocast)
     return pipe
+
+
+def _autocast_forward(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Run every forward of `module` under torch.autocast(dtype) and return float32, as
+    accelerate's `prepare` does for mixed precision: the rollout, the learner's
+    recomputation, its reference forward and evaluation then all compute alike."""
+    forward = module.forward
+    device_type = next(module.parameters()).device.type
+
+    def autocast_forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            out = forward(*args, **kwargs)
+        return tuple(o.float() if torch.is_tensor(o) else o for o in out) if isinstance(out, tuple) else out
+
+    module.forward = autocast_forward
 
 
 def build_tiny_pipeline(preset: str = "s", seed: int = 0, workdir: str | Path | None = None):

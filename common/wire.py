@@ -9,6 +9,10 @@ Columns (DESIGN.md "Data on the wire"):
     latents         fixed_shape_tensor<float32>[T+1, C, h, w] x_0 (noise) .. x_T
     timesteps       list<float32>  the T timesteps the transformer saw
     log_probs       list<float32>  log p(x_{j+1} | x_j) per step, as sampled
+    forward_batch   int64        the denoising batch of its rollout call the image was
+                                 sampled in: the learner recomputes each such batch as
+                                 one forward, rows in the same order, so its log-probs
+                                 match the rollout's in any precision
     policy_version  int64
     rollout_worker  string
   after scoring:
@@ -56,10 +60,14 @@ def make_rollout_batch(
     log_probs: np.ndarray,
     policy_version: int,
     rollout_worker: str,
+    forward_batch: np.ndarray | None = None,
 ) -> pa.RecordBatch:
+    """`forward_batch` defaults to one denoising batch for all rows."""
     n = len(prompts)
+    forward_batch = np.zeros(n, dtype=np.int64) if forward_batch is None else forward_batch
     for name, value in (("prompt_index", prompt_index), ("metadata", metadata), ("images", images),
-                        ("latents", latents), ("timesteps", timesteps), ("log_probs", log_probs)):
+                        ("latents", latents), ("timesteps", timesteps), ("log_probs", log_probs),
+                        ("forward_batch", forward_batch)):
         if len(value) != n:
             raise ValueError(f"make_rollout_batch: {name} has {len(value)} rows, prompts has {n}")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
@@ -73,11 +81,12 @@ def make_rollout_batch(
             tensor_array(latents.astype(np.float32, copy=False)),
             list_array(timesteps),
             list_array(log_probs),
+            pa.array(np.asarray(forward_batch, dtype=np.int64)),
             pa.array(np.full(n, policy_version, dtype=np.int64)),
             pa.array([rollout_worker] * n, pa.string()),
         ],
         names=["prompt", "prompt_index", "metadata", "image", "latents", "timesteps", "log_probs",
-               "policy_version", "rollout_worker"],
+               "forward_batch", "policy_version", "rollout_worker"],
     )
 
 

@@ -7,8 +7,17 @@ import torch
 
 
 class LoraEma:
-    """ema <- decay * ema + (1 - decay) * w, applied every `every` optimizer steps
-    (the paper's settings: decay 0.9, every 8 steps). Shadows live in float32 on the
+    """The paper's EMA of the LoRA weights, with its warm-up. With s the paper's
+    global step (optimizer steps completed, from 0), after an optimizer step, when
+    (s + 1) % every == 0:
+
+        ema <- d ema + (1 - d) w,    d = min((1 + s) / (10 + s), decay)
+
+    (the paper's settings: decay 0.9, every 8 steps). The warm-up keeps the untrained
+    initial weights from lingering: the first update (s = 7) has d = 8/17, not 0.9.
+    The paper's script calls its EMA once per micro-batch with the same global step,
+    so under gradient accumulation it repeats an update as many times as it has
+    micro-batches; we update once per optimizer step. Shadows live in float32 on the
     parameters' device."""
 
     def __init__(self, params: list[torch.nn.Parameter], decay: float, every: int):
@@ -18,12 +27,18 @@ class LoraEma:
         self.steps = 0
         self.shadow = [p.detach().float().clone() for p in params]
 
+    def current_decay(self, step: int) -> float:
+        return min((1 + step) / (10 + step), self.decay)
+
     @torch.no_grad()
     def step(self) -> None:
+        """Call after each optimizer step."""
         self.steps += 1
-        if self.steps % self.every == 0:
-            for s, p in zip(self.shadow, self.params):
-                s.lerp_(p.detach().float(), 1.0 - self.decay)
+        s = self.steps
+        if (s + 1) % self.every == 0:
+            weight = 1.0 - self.current_decay(s)
+            for shadow, p in zip(self.shadow, self.params):
+                shadow.lerp_(p.detach().float(), weight)
 
     @contextlib.contextmanager
     def applied(self):

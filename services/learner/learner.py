@@ -28,7 +28,7 @@ from common.config import Config
 from common.denoising import PromptEmbeds, encode_prompts, guided_velocity, sigma_schedule
 from common.grpo import clipped_policy_loss
 from common.lora import LoraWeights, adapter_disabled, attach_lora, export_lora, lora_state_dict
-from common.models import load_pipeline, resolve_device, resolve_dtype
+from common.models import Precision, load_pipeline, resolve_device
 from common.sde import kl_to_reference, sde_step_with_logprob
 from services.learner.ema import LoraEma
 
@@ -39,7 +39,7 @@ class Learner:
         if config.run.num_torch_threads:
             torch.set_num_threads(config.run.num_torch_threads)
         self.device = resolve_device(config.model.device)
-        self.pipe = load_pipeline(config.model.path, resolve_dtype(config.model.dtype, self.device), self.device,
+        self.pipe = load_pipeline(config.model.path, Precision.resolve(config.model.precision, self.device), self.device,
                                   with_vae=False)
         self.transformer = self.pipe.transformer
         with torch.random.fork_rng(devices=[]):  # the Gaussian LoRA init draws from torch's global RNG
@@ -129,7 +129,8 @@ class Learner:
         out["ratio_dev"] = torch.zeros((), device=latents.device)
         for j in range(self.trained_steps):
             x, x_next = latents[:, j].to(dtype), latents[:, j + 1].to(dtype)
-            v = guided_velocity(self.transformer, x, self.timesteps[j], cond, uncond, s.guidance_scale, grad=True)
+            v = guided_velocity(self.transformer, x, self.timesteps[j], cond, uncond, s.guidance_scale,
+                                detach_uncond=t.cfg_gradient == "detached")
             step = sde_step_with_logprob(v, x, self.sigmas, j, s.noise_level, prev_sample=x_next)
             policy = clipped_policy_loss(step.log_prob, old_log_probs[:, j], adv, t.clip_range)
             loss = policy.loss

@@ -20,6 +20,8 @@ class SdeRollout:
 
 
 def initial_noise(pipe, batch: int, resolution: int, generator: torch.Generator) -> torch.Tensor:
+    """x_0 ~ N(0, I) of the latent shape, drawn in float32 (the same numbers in every
+    precision), stored in the transformer's dtype."""
     size = resolution // pipe.vae_scale_factor
     channels = pipe.transformer.config.in_channels
     noise = torch.randn((batch, channels, size, size), generator=generator, dtype=torch.float32,
@@ -28,16 +30,16 @@ def initial_noise(pipe, batch: int, resolution: int, generator: torch.Generator)
 
 
 @torch.no_grad()
-def sample_sde(pipe, cond: PromptEmbeds, uncond: PromptEmbeds, timesteps: torch.Tensor, sigmas: torch.Tensor, *,
-               guidance_scale: float, noise_level: float, resolution: int,
+def sample_sde(pipe, cond: PromptEmbeds, uncond: PromptEmbeds, timesteps: torch.Tensor, sigmas: torch.Tensor,
+               x: torch.Tensor, *, guidance_scale: float, noise_level: float,
                generator: torch.Generator) -> SdeRollout:
-    """Sample one batch with the SDE, recording latents and per-step log-probs.
+    """Sample one batch with the SDE from the initial noise `x`, recording latents and
+    per-step log-probs (each step's noise drawn from `generator`).
 
     Each drawn x_{j+1} is first rounded to the model's dtype, the tensor the model
     consumes next and the one stored, and its log-prob is taken of that rounded value,
     so the learner can recompute it exactly from the stored latents."""
     dtype = pipe.transformer.dtype
-    x = initial_noise(pipe, len(cond), resolution, generator)
     latents, log_probs = [x], []
     for j, t in enumerate(timesteps):
         v = guided_velocity(pipe.transformer, x, t, cond, uncond, guidance_scale)

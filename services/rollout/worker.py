@@ -13,8 +13,8 @@ from common import wire
 from common.config import Config
 from common.denoising import encode_prompts, sigma_schedule
 from common.lora import LoraWeights, attach_lora, load_lora
-from common.models import load_pipeline, resolve_device, resolve_dtype
-from services.rollout.sampler import sample_ode, sample_sde
+from common.models import Precision, load_pipeline, resolve_device
+from services.rollout.sampler import initial_noise, sample_ode, sample_sde
 
 
 class StaleWeightsError(RuntimeError):
@@ -28,7 +28,7 @@ class RolloutWorker:
         if config.run.num_torch_threads:
             torch.set_num_threads(config.run.num_torch_threads)
         self.device = resolve_device(config.model.device)
-        self.pipe = load_pipeline(config.model.path, resolve_dtype(config.model.dtype, self.device), self.device)
+        self.pipe = load_pipeline(config.model.path, Precision.resolve(config.model.precision, self.device), self.device)
         attach_lora(self.pipe.transformer, config.lora)
         self.version = 0
         s = config.sample
@@ -59,6 +59,8 @@ class RolloutWorker:
         """`sample.group_size` SDE samples of each prompt, as one Arrow rollout batch.
 
         Prompt embeddings are computed once per prompt, then repeated for its group.
+        Every image starts from its own noise, or, with `sample.same_latent`, every
+        image of a group from its group's noise (the SDE steps' noise still differs).
         Refuses to sample with a LoRA older than `min_version` (a restarted worker starts
         from version 0 until the controller sends it the current one)."""
         if self.version < min_version:
@@ -70,12 +72,14 @@ class RolloutWorker:
         rows = torch.arange(len(prompts)).repeat_interleave(g)
         generator = torch.Generator(self.device).manual_seed(seed)
         timesteps, sigmas = self.train_schedule
+        if s.same_latent:
+            noise = initial_noise(self.pipe, len(prompts), s.resolution, generator).repeat_interleave(g, dim=0)
+        else:
+            noise = initial_noise(self.pipe, len(rows), s.resolution, generator)
         latents, log_probs, images = [], [], []
-        for chunk in rows.split(s.batch_size):
-            cond = embeds.select(chunk)
-            out = sample_sde(self.pipe, cond, self.negative.expand(len(chunk)), timesteps, sigmas,
-                             guidance_scale=s.guidance_scale, noise_level=s.noise_level,
-                             resolution=s.resolution, generator=generator)
+        for chunk, x in zip(rows.split(s.batch_size), noise.split(s.batch_size)):
+            out = sample_sde(self.pipe, embeds.select(chunk), self.negative.expand(len(chunk)), timesteps, sigmas, x,
+                             guidance_scale=s.guidance_scale, noise_level=s.noise_level, generator=generator)
             latents.append(out.latents.cpu().numpy())
             log_probs.append(out.log_probs.cpu().numpy())
             images.append(out.images)
@@ -84,7 +88,8 @@ class RolloutWorker:
             prompts=[prompts[i] for i in rows_np], prompt_index=np.asarray(prompt_index)[rows_np],
             metadata=[metadata[i] for i in rows_np], images=np.concatenate(images),
             latents=np.concatenate(latents), timesteps=np.tile(timesteps.cpu().numpy(), (len(rows_np), 1)),
-            log_probs=np.concatenate(log_probs), policy_version=self.version, rollout_worker=self.name,
+            log_probs=np.concatenate(log_probs), forward_batch=np.arange(len(rows_np)) // s.batch_size,
+            policy_version=self.version, rollout_worker=self.name,
         )
         self._busy_seconds += time.perf_counter() - start
         return batch
