@@ -36,7 +36,7 @@ def test_every_config_loads(path):
 def test_sd35_configs_carry_the_papers_settings(task):
     c = load_config(DEPLOY / "configs" / f"sd35_{task}.yaml")
     assert c.model.path == "stabilityai/stable-diffusion-3.5-medium" and c.model.tiny_preset is None
-    assert c.model.dtype in ("auto", "bfloat16") and c.model.max_sequence_length == 128
+    assert c.model.precision == "fp16-mixed" and c.model.max_sequence_length == 128
     s = c.sample
     assert (s.resolution, s.train_steps, s.eval_steps, s.guidance_scale, s.noise_level) == (512, 10, 40, 4.5, 0.7)
     assert (s.group_size, s.prompts_per_iteration) == (24, 48)
