@@ -123,11 +123,15 @@ class OcrConfig:
 class GenevalConfig:
     """GenEval with a transformers detector: a Mask2Former COCO instance model and CLIP
     for colours, each a hub id or a local path. `reward` is the number trained on:
-    `score` (partial credit, the paper's), `strict` or `correct` (the benchmark's 0/1)."""
+    `score` (partial credit, the paper's), `strict` or `correct` (the benchmark's 0/1).
+    `failed_relation` is how `score` counts a wrong relative position: `paper` as the
+    paper's reward server (a 0 and then a 1: 0.75 for a two-object position prompt whose
+    objects are found but wrongly placed) or `once` (a single 0: 2/3 there)."""
     detector: str = "facebook/mask2former-swin-small-coco-instance"
     clip: str = "openai/clip-vit-large-patch14"
     device: str = "auto"
     reward: Literal["score", "strict", "correct"] = "score"
+    failed_relation: Literal["paper", "once"] = "paper"
 
 
 @dataclass

@@ -148,8 +148,9 @@ class ClipColorClassifier:
 
 class GenevalScorer(Scorer):
     """GenEval with a transformers detector (module doc). The reward is
-    reward.geneval.reward: "score" (partial credit, the paper's training reward),
-    "strict" or "correct" (the benchmark's 0/1); details carry all three and the reason.
+    reward.geneval.reward: "score" (partial credit, the paper's training reward, with a
+    wrong relation counted as reward.geneval.failed_relation says), "strict" or
+    "correct" (the benchmark's 0/1); details carry all three, the tag and the reason.
     Metadata that is not GenEval's gives NaN for that image, with the error."""
 
     name = "geneval"
@@ -161,6 +162,7 @@ class GenevalScorer(Scorer):
         self.detector = Mask2FormerDetector(cfg.detector, device)
         self.colors = ClipColorClassifier(cfg.clip, device)
         self.reward = cfg.reward
+        self.failed_relation = cfg.failed_relation
         self.engine = f"transformers-mask2former:{cfg.detector}+clip:{cfg.clip}:{device.type}"
 
     @classmethod
@@ -188,7 +190,7 @@ class GenevalScorer(Scorer):
                 scores.append(float("nan"))
                 details.append({"error": errors[i]})
                 continue
-            result = evaluate(meta, k)
+            result = evaluate(meta, k, self.failed_relation)
             scores.append(float({"score": result.score, "strict": result.strict, "correct": result.correct}[self.reward]))
             details.append({"tag": meta["tag"], "score": result.score, "strict": result.strict,
                             "correct": result.correct, "reason": result.reason})

@@ -21,9 +21,14 @@ Metadata (GenEval's): {"tag", "include": [{"class", "count", "color"?, "position
       position part  1 if every found object is in the relation to every object of the
                      referenced clause (which must have matched), else 0
   A count mismatch gives one 0 for the clause's colour or position part; a colour
-  mismatch skips the position part. The paper's server also appends a 1 after a failed
-  relation, so a wrong relation in a two-object position prompt scores 0.75 there; we
-  count the failed part once, giving 2/3.
+  mismatch skips the position part. A wrong relation (`failed_relation`):
+      "paper"  0 and then 1, as the paper's reward server scores it (yifan123/reward-server,
+               reward_server/gen_eval.py, `evaluate_reward`: on the first object not in
+               the relation it appends 0.0 and breaks out of its loops, then appends the
+               1.0 that a satisfied relation gets), so a two-object position prompt with
+               both objects found but wrongly placed scores (1 + 1 + 0 + 1) / 4 = 0.75;
+      "once"   the failed part counted once, a single 0: (1 + 1 + 0) / 3 = 2/3.
+  A relation whose referenced clause did not match is a single 0 under both.
 - `strict`, 1 only if every count is exact and every part holds.
 Exclude clauses enter only `correct`, as in the paper's server (an exact count already
 implies GenEval's counting exclusions, which name the same class with count + 1).
@@ -121,13 +126,19 @@ def relative_position(a: Detection, b: Detection) -> set[str]:
     return relations
 
 
-def evaluate(metadata: Mapping[str, Any], detections: Detections) -> GenevalResult:
+FAILED_RELATION = ("paper", "once")
+
+
+def evaluate(metadata: Mapping[str, Any], detections: Detections, failed_relation: str = "paper") -> GenevalResult:
     """GenEval's verdicts for one image (module doc). `detections` may be raw (they go
-    through `keep`); objects a colour clause looks at must have their `color` set."""
+    through `keep`); objects a colour clause looks at must have their `color` set.
+    `failed_relation` ("paper" or "once") is how `score` counts a wrong relation."""
+    if failed_relation not in FAILED_RELATION:
+        raise ValueError(f"failed_relation must be one of {', '.join(FAILED_RELATION)}, got {failed_relation!r}")
     check_metadata(metadata)
     kept = keep(detections, metadata["tag"])
     correct, reason = _correct(metadata, kept)
-    score, strict = _score(metadata, kept)
+    score, strict = _score(metadata, kept, failed_relation)
     return GenevalResult(correct=correct, strict=strict, score=score, reason=reason)
 
 
@@ -175,7 +186,7 @@ def _correct(metadata, kept) -> tuple[bool, str]:
     return not reasons, "\n".join(reasons)
 
 
-def _score(metadata, kept) -> tuple[float, bool]:
+def _score(metadata, kept, failed_relation: str) -> tuple[float, bool]:
     """The training reward with partial credit and the strict verdict (module doc)."""
     parts: list[float] = []
     strict = True
@@ -198,6 +209,8 @@ def _score(metadata, kept) -> tuple[float, bool]:
                 targets = matched_groups[index]
                 matched = targets is not None and _in_relation(found, targets, relation)
                 parts.append(1.0 if matched else 0.0)
+                if targets is not None and not matched and failed_relation == "paper":
+                    parts.append(1.0)
         strict = strict and matched
         matched_groups.append(found if matched else None)
     return (sum(parts) / len(parts) if parts else 0.0), strict

@@ -25,8 +25,8 @@ POSITION = {"tag": "position", "include": [{"class": "laptop", "count": 1},
                                             {"class": "cow", "count": 1, "position": ["right of", 0]}]}
 
 
-def verdict(metadata, detections):
-    r = evaluate(metadata, detections)
+def verdict(metadata, detections, failed_relation="paper"):
+    r = evaluate(metadata, detections, failed_relation)
     return r.correct, r.strict, pytest.approx(r.score)
 
 
@@ -135,14 +135,27 @@ def test_position_right():
     assert verdict(POSITION, {"laptop": [LAPTOP], "cow": [obj(30, 0, 40, 10)]}) == (True, True, 1.0)
 
 
-def test_position_wrong_relation_counts_the_failed_part_once():
-    # the paper's server gives 0.75 (it appends a 1 after the failed relation); we give 2/3
-    assert verdict(POSITION, {"laptop": [LAPTOP], "cow": [obj(-30, 0, -20, 10)]}) == (False, False, 2 / 3)
+WRONG_PLACE = {"laptop": [LAPTOP], "cow": [obj(-30, 0, -20, 10)]}  # the cow left of the laptop
 
 
-def test_position_missing_objects():
-    assert verdict(POSITION, {"laptop": [LAPTOP]}) == (False, False, 1 / 3)
-    r = evaluate(POSITION, {"cow": [obj(30, 0, 40, 10)]})  # the referenced clause did not match
+def test_position_wrong_relation_scores_as_the_papers_server_by_default():
+    # parts 1 (laptop), 1 (cow), 0 (relation) and the 1 the server appends after it
+    assert verdict(POSITION, WRONG_PLACE) == (False, False, 0.75)
+
+
+def test_position_wrong_relation_counted_once_on_request():
+    assert verdict(POSITION, WRONG_PLACE, "once") == (False, False, 2 / 3)
+
+
+def test_failed_relation_must_be_known():
+    with pytest.raises(ValueError, match="paper, once"):
+        evaluate(POSITION, WRONG_PLACE, "twice")
+
+
+@pytest.mark.parametrize("failed_relation", ["paper", "once"])
+def test_position_missing_objects(failed_relation):
+    assert verdict(POSITION, {"laptop": [LAPTOP]}, failed_relation) == (False, False, 1 / 3)
+    r = evaluate(POSITION, {"cow": [obj(30, 0, 40, 10)]}, failed_relation)  # the referenced clause did not match
     assert (r.correct, r.strict, r.score) == (False, False, pytest.approx(1 / 3))
     assert "no target" in r.reason
 
