@@ -112,11 +112,14 @@ class OcrConfig:
     its wheel, onnxruntime; offline), `paddleocr` (the paper's engine; its PP-OCRv4
     models from PaddleOCR's cache, or exported ones from `det_model_dir` and
     `rec_model_dir`, given together) or `tesseract` (psm 7). `use_gpu` runs rapidocr on
-    onnxruntime-gpu or PaddleOCR on paddlepaddle-gpu."""
+    onnxruntime-gpu or PaddleOCR on paddlepaddle-gpu. `min_confidence`: text boxes (words
+    for tesseract) read with a lower confidence are dropped before the text is joined,
+    with every engine; 0.5 is PaddleOCR 2.x's drop_score, which the paper trained with."""
     engine: Literal["rapidocr", "paddleocr", "tesseract"] = "rapidocr"
     det_model_dir: Optional[str] = None
     rec_model_dir: Optional[str] = None
     use_gpu: bool = False
+    min_confidence: float = 0.5
 
 
 @dataclass
@@ -266,6 +269,8 @@ class Config:
             _check((rw.ocr.det_model_dir is None) == (rw.ocr.rec_model_dir is None), "reward.ocr.det_model_dir",
                    "give reward.ocr.det_model_dir and reward.ocr.rec_model_dir together, or neither")
             _check(not rw.ocr.use_gpu or rw.num_gpus > 0, "reward.ocr.use_gpu", "needs reward.num_gpus > 0")
+            _check(0.0 <= rw.ocr.min_confidence <= 1.0, "reward.ocr.min_confidence",
+                   f"must lie in [0, 1] (0.5 is PaddleOCR's drop_score), got {rw.ocr.min_confidence}")
         for name in ("geneval", "pickscore"):
             device = getattr(rw, name).device
             _check(name not in local or not device.startswith("cuda") or rw.num_gpus > 0,

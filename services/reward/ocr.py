@@ -1,19 +1,24 @@
 """The OCR reward of Flow-GRPO, with the OCR engine behind a small interface.
 
 The reward is the paper's, exactly. The target is the text between the prompt's first
-pair of double quotes (`extract_target`, shared with the prompt loader). Spaces are
-removed and both texts lower-cased; then
+pair of double quotes (`extract_target`, shared with the prompt loader). The text read
+is every text box (rapidocr, PaddleOCR) or word (tesseract) whose confidence is at
+least reward.ocr.min_confidence, joined without separator: the paper ran PaddleOCR 2.x,
+whose `ocr()` drops boxes scoring below its drop_score of 0.5 before anything else
+(its code then keeps boxes scoring above 0, which the floor already implies). Spaces
+are removed and both texts lower-cased; then
 
     reward = 1                                          if target is contained in the text read
     reward = 1 - min(lev(read, target), len(target)) / len(target)     otherwise
 
 with lev the Levenshtein distance (rapidfuzz). Nothing read gives lev = len(target), so
-0. An engine error also gives 0 (the paper's choice); both are counted (`counts`
-"empty" and "engine_error"). A prompt without a quoted target cannot be scored: the
-image gets NaN and its group is dropped (the prompt loader rejects such prompts first).
+0, counted as "empty". An engine error is not a reading: the call raises
+(OcrEngineError), so the reward worker retries it and then drops the images' groups
+and counts them (the paper scored it 0, which GRPO would learn from). A prompt without
+a quoted target cannot be scored: the image gets NaN and its group is dropped (the
+prompt loader rejects such prompts first).
 
-Engines (`reward.ocr.engine`), each reading lines whose confidence is above 0 and
-joining them without separator, as the paper's code does:
+Engines (`reward.ocr.engine`), each run without a floor of its own:
 
     rapidocr   default: PP-OCR ONNX models carried inside the rapidocr wheel, run by
                onnxruntime (CPU, or onnxruntime-gpu with reward.ocr.use_gpu); offline.
@@ -21,7 +26,8 @@ joining them without separator, as the paper's code does:
                classifier), or exported models from reward.ocr.det_model_dir /
                rec_model_dir. It wants its own environment: run it behind
                `flowgrpo serve-reward --scorer ocr` and point reward.endpoints.ocr at it.
-    tesseract  pytesseract with --psm 7 (one text line), needs the tesseract binary.
+    tesseract  pytesseract with --psm 7 (one text line), needs the tesseract binary;
+               its word confidences (0-100) are divided by 100.
 """
 from __future__ import annotations
 
@@ -36,8 +42,8 @@ from common.config import OcrConfig, RewardConfig
 from common.prompts import extract_ocr_target as extract_target
 from services.reward.base import ScoreOutput, Scorer, ScorerNeeds
 
-__all__ = ["extract_target", "ocr_reward", "OcrEngine", "RapidOcrEngine", "PaddleOcrEngine",
-           "TesseractEngine", "OcrScorer", "make_engine"]
+__all__ = ["extract_target", "ocr_reward", "read_text", "OcrEngine", "OcrEngineError", "RapidOcrEngine",
+           "PaddleOcrEngine", "TesseractEngine", "OcrScorer", "make_engine"]
 
 
 def ocr_reward(recognized: str, target: str) -> float:
@@ -57,23 +63,39 @@ def _missing(extra: str, package: str, err: ImportError) -> ImportError:
                        f"environment that has it) [{err}]")
 
 
+def read_text(lines: list[tuple[str, float]], min_confidence: float) -> str:
+    """The text read: the pieces whose confidence is at least `min_confidence`, joined
+    without separator (PaddleOCR's drop_score rule, module doc)."""
+    return "".join(text for text, confidence in lines if confidence >= min_confidence)
+
+
+class OcrEngineError(RuntimeError):
+    """The OCR engine failed on an image: a scorer failure, not a reading of nothing."""
+
+
 class OcrEngine(ABC):
-    """Reads the text in one RGB image. `channel_order` is what the engine's own API
-    expects; `read` converts to it."""
+    """Reads text pieces with their confidences from one image. `channel_order` is the
+    order the engine's own API takes; `lines` hands the RGB image over in that order."""
 
     name: str
     channel_order: Literal["RGB", "BGR"]
 
+    def lines(self, image: np.ndarray) -> list[tuple[str, float]]:
+        """(text, confidence in [0, 1]) for each box or word found, in reading order."""
+        if self.channel_order == "BGR":
+            image = np.ascontiguousarray(image[:, :, ::-1])
+        return self._read(image)
+
     @abstractmethod
-    def read(self, image: np.ndarray) -> str:
-        """Text of the lines read with confidence > 0, joined without separator."""
+    def _read(self, image: np.ndarray) -> list[tuple[str, float]]:
+        """`lines` on an image already in `channel_order`."""
 
 
 class RapidOcrEngine(OcrEngine):
     """rapidocr with onnxruntime named explicitly as its inference engine. A numpy image
-    given to rapidocr is taken as BGR (OpenCV's order), so RGB is flipped first. The
-    angle classifier is off and no confidence floor is applied, as in the paper's use
-    of PaddleOCR (rapidocr's default floor is 0.5)."""
+    given to rapidocr is taken as BGR (OpenCV's order). The angle classifier is off, as
+    in the paper's use of PaddleOCR, and rapidocr's own floor (Global.text_score) is 0:
+    the scorer applies reward.ocr.min_confidence to every engine alike."""
 
     channel_order = "BGR"
 
@@ -94,11 +116,9 @@ class RapidOcrEngine(OcrEngine):
         device = "cuda" if use_gpu else "cpu"
         self.name = f"rapidocr-{version('rapidocr')}-onnxruntime-{onnxruntime.__version__}-{device}"
 
-    def read(self, image):
-        result = self._ocr(np.ascontiguousarray(image[:, :, ::-1]))
-        if not result.txts:
-            return ""
-        return "".join(text for text, score in zip(result.txts, result.scores) if score > 0)
+    def _read(self, image):
+        result = self._ocr(image)
+        return list(zip(result.txts or (), result.scores or ()))
 
 
 class PaddleOcrEngine(OcrEngine):
@@ -106,7 +126,9 @@ class PaddleOcrEngine(OcrEngine):
     PP-OCRv4 detection and English recognition, no document preprocessing. With
     det_model_dir and rec_model_dir the models are read from those directories
     (PaddleOCR's exported inference format for PP-OCRv4_mobile_det and
-    en_PP-OCRv4_mobile_rec) instead of PaddleOCR's download cache. PaddleOCR takes numpy
+    en_PP-OCRv4_mobile_rec; config validation checks they come together) instead of
+    PaddleOCR's download cache. PaddleOCR 3.x keeps every box (text_rec_score_thresh 0);
+    the scorer applies the floor that 2.x's drop_score applied. PaddleOCR takes numpy
     images as BGR; the paper's code handed it RGB arrays, we give it the order it expects."""
 
     channel_order = "BGR"
@@ -118,8 +140,6 @@ class PaddleOcrEngine(OcrEngine):
             import paddleocr
         except ImportError as err:
             raise _missing("paddleocr", "paddleocr and paddlepaddle", err) from None
-        if (config.det_model_dir is None) != (config.rec_model_dir is None):
-            raise ValueError("reward.ocr.det_model_dir and reward.ocr.rec_model_dir: give both or neither")
         if config.det_model_dir is None:
             models = dict(lang="en", ocr_version="PP-OCRv4")
         else:
@@ -130,14 +150,16 @@ class PaddleOcrEngine(OcrEngine):
                                         use_textline_orientation=False, device=device, **models)
         self.name = f"paddleocr-{version('paddleocr')}-ppocrv4-{device}"
 
-    def read(self, image):
-        result = self._ocr.predict(np.ascontiguousarray(image[:, :, ::-1]))[0]
-        return "".join(text for text, score in zip(result["rec_texts"], result["rec_scores"]) if score > 0)
+    def _read(self, image):
+        result = self._ocr.predict(image)[0]
+        return [(text, float(score)) for text, score in zip(result["rec_texts"], result["rec_scores"])]
 
 
 class TesseractEngine(OcrEngine):
     """Tesseract through pytesseract, page segmentation mode 7 (a single text line);
-    mode 8 reads rendered words badly. Given a PIL image, which pytesseract takes as RGB."""
+    mode 8 reads rendered words badly. Given a PIL image, which pytesseract takes as RGB.
+    Pieces are words with their confidence (image_to_data's conf / 100; entries with
+    conf -1 are layout levels, not words)."""
 
     channel_order = "RGB"
     CONFIG = "--psm 7"
@@ -155,9 +177,12 @@ class TesseractEngine(OcrEngine):
         self._tesseract = pytesseract
         self.name = f"tesseract-{version}-psm7"
 
-    def read(self, image):
+    def _read(self, image):
         from PIL import Image
-        return self._tesseract.image_to_string(Image.fromarray(image), config=self.CONFIG).strip()
+        data = self._tesseract.image_to_data(Image.fromarray(image), config=self.CONFIG,
+                                             output_type=self._tesseract.Output.DICT)
+        return [(text, float(conf) / 100) for text, conf in zip(data["text"], data["conf"])
+                if float(conf) >= 0 and text.strip()]
 
 
 def make_engine(config: OcrConfig) -> OcrEngine:
@@ -172,13 +197,15 @@ def make_engine(config: OcrConfig) -> OcrEngine:
 
 class OcrScorer(Scorer):
     """OCR reward for each image against its prompt's quoted target (module doc).
-    `engine` may be given to use an already built OcrEngine."""
+    `engine` may be given to use an already built OcrEngine. Details: the `text` read
+    (after the confidence floor) and the `target`."""
 
     name = "ocr"
 
     def __init__(self, config: RewardConfig, engine: OcrEngine | None = None):
         self._engine = engine if engine is not None else make_engine(config.ocr)
         self.engine = self._engine.name
+        self.min_confidence = config.ocr.min_confidence
 
     @classmethod
     def needs(cls, config: RewardConfig) -> ScorerNeeds:
@@ -193,8 +220,8 @@ class OcrScorer(Scorer):
 
     def _score(self, images, prompts, metadata):
         scores, details = [], []
-        counts = {"empty": 0, "engine_error": 0}
-        for image, prompt in zip(images, prompts):
+        counts = {"empty": 0}
+        for i, (image, prompt) in enumerate(zip(images, prompts)):
             try:
                 target = extract_target(prompt)
             except ValueError as err:
@@ -202,12 +229,10 @@ class OcrScorer(Scorer):
                 details.append({"error": str(err)})
                 continue
             try:
-                text = self._engine.read(image)
-            except Exception as err:  # the paper's rule: an engine failure scores 0
-                counts["engine_error"] += 1
-                scores.append(0.0)
-                details.append({"target": target, "text": "", "engine_error": f"{type(err).__name__}: {err}"})
-                continue
+                text = read_text(self._engine.lines(image), self.min_confidence)
+            except Exception as err:
+                raise OcrEngineError(f"{self.engine} failed on image {i} of the call: "
+                                     f"{type(err).__name__}: {err}") from err
             if not text.strip():
                 counts["empty"] += 1
             scores.append(ocr_reward(text, target))

@@ -162,7 +162,7 @@ class RewardWorker:
     def metrics(self) -> dict[str, float]:
         """Cumulative, per scorer: images, seconds and calls (successful), images/s and
         seconds per call, failed calls, retries, NaN scores, the scorer's own counts
-        (OCR: empty, engine_error), and `<name>/engine/<engine>` = 1 naming the engine;
+        (OCR: empty), and `<name>/engine/<engine>` = 1 naming the engine;
         `failed_groups` overall. `combine_metrics` adds up several workers' metrics."""
         out = {"failed_groups": float(self._failed_groups)}
         for name, s in self._stats.items():

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 from common.config import OcrConfig, RewardConfig
 from common.prompts import extract_ocr_target
 from services.reward import ocr
-from services.reward.ocr import OcrEngine, OcrScorer, PaddleOcrEngine, TesseractEngine, ocr_reward
+from services.reward.ocr import OcrEngine, OcrEngineError, OcrScorer, PaddleOcrEngine, TesseractEngine, ocr_reward
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 
@@ -75,36 +75,75 @@ def test_pil_images_are_accepted(scorer):
     assert out.scores.tolist() == [1.0]
 
 
-def test_rapidocr_is_given_bgr():
+def test_rapidocr_is_given_bgr_and_reports_every_box():
     seen = []
 
     class Fake:
         def __call__(self, image):
             seen.append(image)
-            return type("Result", (), {"txts": ("ok",), "scores": (0.9,)})()
+            return type("Result", (), {"txts": ("ok", "faint"), "scores": (0.9, 0.1)})()
 
     engine = ocr.RapidOcrEngine()
     engine._ocr = Fake()
     rgb = np.zeros((4, 4, 3), np.uint8)
     rgb[..., 0] = 255  # red
-    assert engine.read(rgb) == "ok"
+    assert engine.lines(rgb) == [("ok", 0.9), ("faint", 0.1)]
     assert seen[0][0, 0].tolist() == [0, 0, 255]
+
+
+def test_rapidocr_applies_no_floor_of_its_own():
+    assert ocr.RapidOcrEngine()._ocr.text_score == 0.0
+
+
+class Lines(OcrEngine):
+    """An engine that reads given pieces, whatever the image."""
+    name = "lines"
+    channel_order = "RGB"
+
+    def __init__(self, lines):
+        self.pieces = lines
+
+    def _read(self, image):
+        return self.pieces
+
+
+PIECES = [("Hello", 0.93), ("Wor", 0.49), ("ld", 0.5)]
+
+
+def test_boxes_below_the_confidence_floor_are_dropped_before_joining():
+    scorer = OcrScorer(RewardConfig(), engine=Lines(PIECES))
+    out = scorer.score([render("x")], ['a sign "Hello World"'], [{}])
+    assert out.details == [{"target": "Hello World", "text": "Hellold"}]  # 0.49 dropped, 0.5 kept (>= floor)
+    assert out.scores[0] == pytest.approx(ocr_reward("Hellold", "Hello World"))
+
+
+def test_the_floor_is_configurable():
+    scorer = OcrScorer(RewardConfig(ocr=OcrConfig(min_confidence=0.0)), engine=Lines(PIECES))
+    out = scorer.score([render("x")], ['a sign "Hello World"'], [{}])
+    assert out.details[0]["text"] == "HelloWorld" and out.scores.tolist() == [1.0]
+
+
+def test_tesseract_words_carry_their_confidence():
+    engine = object.__new__(TesseractEngine)
+    data = {"text": ["", "Hello", "World", " "], "conf": [-1, 96.5, "41", -1]}
+    engine._tesseract = type("FakeTesseract", (), {
+        "Output": type("Output", (), {"DICT": "dict"}),
+        "image_to_data": staticmethod(lambda image, config, output_type: data)})
+    assert engine.lines(np.zeros((4, 4, 3), np.uint8)) == [("Hello", 0.965), ("World", 0.41)]
 
 
 class Broken(OcrEngine):
     name = "broken"
     channel_order = "RGB"
 
-    def read(self, image):
+    def _read(self, image):
         raise RuntimeError("engine crashed")
 
 
-def test_engine_error_scores_zero_and_is_counted():
+def test_an_engine_error_fails_the_call_instead_of_scoring_zero():
     scorer = OcrScorer(RewardConfig(), engine=Broken())
-    out = scorer.score([render("Open")], ['"Open"'], [{}])
-    assert out.scores.tolist() == [0.0]
-    assert out.counts["engine_error"] == 1
-    assert "engine crashed" in out.details[0]["engine_error"]
+    with pytest.raises(OcrEngineError, match="broken failed on image 1 of the call: RuntimeError: engine crashed"):
+        scorer.score([render("x")] * 2, ['no quotes here', '"Open"'], [{}] * 2)
 
 
 def test_prompt_without_target_gives_nan_with_the_reason():

@@ -154,8 +154,34 @@ def test_ocr_counts_reach_the_metrics():
     batch = rollout_batch(groups=(0,), size=64)
     worker.score(batch)
     m = worker.metrics()
-    assert m["ocr/empty"] == 1 and m["ocr/engine_error"] == 0
+    assert m["ocr/empty"] == 1
     assert any(key.startswith("ocr/engine/rapidocr-") for key in m)
+
+
+def test_an_ocr_engine_error_is_retried_then_its_group_dropped_and_counted(monkeypatch):
+    from services.reward import ocr
+
+    class CrashesOnGroup1(ocr.OcrEngine):
+        name = "crashes-on-group-1"
+        channel_order = "RGB"
+        reads = 0
+
+        def _read(self, image):
+            type(self).reads += 1
+            if group_of(image) == 1:
+                raise RuntimeError("engine crashed")
+            return [("x", 0.9)]
+
+    monkeypatch.setattr(ocr, "make_engine", lambda config: CrashesOnGroup1())
+    worker = RewardWorker(RewardConfig(weights={"ocr": 1.0}, batch_size=2, retries=2))
+    scored, failures = worker.score(rollout_batch())
+    assert scored.column("prompt_index").to_pylist() == [0, 0, 2, 2]
+    assert scored.column("rewards").field("ocr").to_pylist() == [1.0] * 4  # no zero for the failed group
+    assert [(f.prompt_index, f.scorer) for f in failures] == [(1, "ocr")]
+    assert "engine crashed" in failures[0].reason and "failed 3 time(s)" in failures[0].reason
+    assert CrashesOnGroup1.reads == 2 + 3 + 2
+    m = worker.metrics()
+    assert m["ocr/retries"] == 2 and m["ocr/failed_calls"] == 1 and m["failed_groups"] == 1
 
 
 # ---------------------------------------------------------------- registry and needs
@@ -192,6 +218,8 @@ def test_needs():
     (["reward.weights={ocr: 1.0}", "prompts.format=ocr", "reward.ocr.det_model_dir=/models/det"],
      "reward.ocr.det_model_dir", "together"),
     (["reward.weights={ocr: 1.0}", "prompts.format=ocr", "reward.ocr.use_gpu=true"], "reward.ocr.use_gpu", "num_gpus"),
+    (["reward.weights={ocr: 1.0}", "prompts.format=ocr", "reward.ocr.min_confidence=1.5"],
+     "reward.ocr.min_confidence", "[0, 1]"),
     (["reward.geneval.device=cuda"], "reward.geneval.device", "num_gpus"),
     (["reward.batch_size=0"], "reward.batch_size", "at least 1"),
     (["reward.geneval.reward=accuracy"], "reward.geneval.reward", "one of"),
