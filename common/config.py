@@ -196,6 +196,9 @@ class LearnerConfig:
 
 @dataclass
 class RunConfig:
+    """The run. Evaluation (services/controller/evaluation.py) runs at iteration 0, every
+    `eval_every` iterations and at the end (0: never), on the first `eval_prompts`
+    distinct test prompts (0: all of them) with `eval_images_per_prompt` images each."""
     name: str = "flowgrpo"
     iterations: int = 1000
     seed: int = 42
@@ -204,7 +207,8 @@ class RunConfig:
     checkpoint_every: int = 50
     sample_images_every: int = 10
     eval_every: int = 0
-    eval_prompts: int = 64
+    eval_prompts: int = 0
+    eval_images_per_prompt: int = 1
     num_torch_threads: int = 0
 
 
@@ -290,6 +294,8 @@ class Config:
         _check(r.sample_images_every >= 0, "run.sample_images_every", "must be >= 0 (0: never)")
         _check(r.eval_every >= 0, "run.eval_every", "must be >= 0 (0: never)")
         _check(r.eval_prompts >= 0, "run.eval_prompts", "must be >= 0 (0: the whole evaluation set)")
+        _check(r.eval_images_per_prompt >= 1, "run.eval_images_per_prompt",
+               "must be at least 1 (the paper's: 4 for GenEval, 1 for OCR and PickScore)")
         _check(r.mode == "sync" or r.max_staleness >= 1, "run.max_staleness",
                "must be at least 1 in async mode (rollouts run one policy version ahead of the learner)")
         return self
