@@ -8,6 +8,7 @@ worker starts. Defaults are the paper's SD3.5 settings (Flow-GRPO, DESIGN.md §1
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -280,12 +281,13 @@ class Config:
             _check(name not in local or not device.startswith("cuda") or rw.num_gpus > 0,
                    f"reward.{name}.device", f"{device!r} needs reward.num_gpus > 0 (or use auto or cpu)")
         _check(rw.num_workers >= 1, "reward.num_workers", "must be at least 1")
-        _check(rw.num_gpus >= 0 and rw.num_cpus >= 0, "reward.num_gpus", "resources must be >= 0")
         _check(rw.batch_size >= 1, "reward.batch_size", "must be at least 1")
         _check(rw.retries >= 0, "reward.retries", "must be >= 0")
         _check(rw.timeout_s > 0, "reward.timeout_s", "must be positive")
         _check(self.rollout.num_workers >= 1, "rollout.num_workers", "must be at least 1")
-        _check(self.rollout.num_gpus >= 0 and self.rollout.num_cpus >= 0, "rollout.num_gpus", "resources must be >= 0")
+        for section in ("rollout", "learner", "reward"):
+            for key in ("num_cpus", "num_gpus"):
+                _check_resource(f"{section}.{key}", getattr(getattr(self, section), key))
         _check(self.model.max_sequence_length >= 1, "model.max_sequence_length", "must be at least 1")
         r = self.run
         _check(r.iterations >= 1, "run.iterations", "must be at least 1")
@@ -304,6 +306,14 @@ class Config:
 def _check(ok: bool, path: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{path}: {message}")
+
+
+def _check_resource(path: str, amount: float) -> None:
+    """A Ray actor's share of a resource: >= 0, and GPUs as a fraction of one or whole ones
+    (Ray refuses 1.5 GPUs when the actor starts, long after loading)."""
+    _check(amount >= 0, path, f"must be >= 0, got {amount:g}")
+    _check(not path.endswith("num_gpus") or amount <= 1 or amount == int(amount), path,
+           f"must be a fraction of one GPU or a whole number of GPUs, got {amount:g}")
 
 
 # ---------------------------------------------------------------- YAML <-> dataclasses
@@ -378,15 +388,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section in the file
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+                raise ConfigError(f"--set {item}: {part} is not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({err.problem}); quote a string "
+                              "with YAML's quotes inside the shell's, e.g. --set \"run.name='a: b'\"") from None
     return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file (or the defaults when `path` is None), apply overrides, validate."""
+    """Read a YAML file (or the defaults when `path` is None), apply overrides, validate.
+    An error names what the user typed: the `--set` that gave the bad field, else the
+    file, else (the file alone being valid) the `--set` flags that made it inconsistent."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -396,11 +414,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    data = apply_overrides(data, list(overrides))
+    overrides = list(overrides)
+    merged = apply_overrides(copy.deepcopy(data), overrides)
     try:
-        return from_dict(data).validate()
+        return from_dict(merged).validate()
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}" if path else str(err)) from None
+        raise ConfigError(_blame(err, path, data, overrides)) from None
+
+
+def _blame(err: ConfigError, path: Path | None, data: dict[str, Any], overrides: list[str]) -> str:
+    """`err` prefixed with what the user typed that caused it (see load_config)."""
+    field = str(err).split(":", 1)[0]
+    for item in overrides:
+        key = item.partition("=")[0]
+        if field == key or field.startswith((key + ".", key + "[")) or key.startswith(field + "."):
+            return f"--set {item}: {err}"
+    if overrides:
+        try:
+            from_dict(copy.deepcopy(data)).validate()
+        except ConfigError:
+            pass
+        else:
+            return " ".join(f"--set {item}" for item in overrides) + f": {err}"
+    return f"{path}: {err}" if path else str(err)
 
 
 def dump_config(config: Config, path: str | Path) -> None:
