@@ -147,6 +147,18 @@ class PickScoreConfig:
 
 
 @dataclass
+class AestheticConfig:
+    """The LAION aesthetic predictor (christophschuhmann/improved-aesthetic-predictor, as
+    the paper's flow_grpo/aesthetic_scorer.py): the L2-normalised image embedding of the
+    CLIP ViT-L/14 `clip` (hub id or local path) into an MLP head whose weights are the
+    file `head` (a torch state dict: sac+logos+ava1-l14-linearMSE.pth, shipped in the
+    paper's repo under flow_grpo/assets/)."""
+    clip: str = "openai/clip-vit-large-patch14"
+    head: Optional[str] = None
+    device: str = "auto"
+
+
+@dataclass
 class RewardConfig:
     """`weights` picks the scorers and their weights in the total. `endpoints` maps a
     scorer name to a remote gRPC service (`grpc://host:port`, started with
@@ -154,10 +166,15 @@ class RewardConfig:
     scorer call covers `batch_size` images, must answer within `timeout_s` and is
     retried `retries` times before its groups are dropped. With `isolated_env`, the
     reward workers get their own Ray runtime_env holding the scorers' extra packages
-    (e.g. the OCR engine) instead of relying on the cluster's image."""
-    SCORER_NAMES: ClassVar[tuple[str, ...]] = ("ocr", "geneval", "pickscore", "jpeg_compressibility", "brightness")
+    (e.g. the OCR engine) instead of relying on the cluster's image. `eval` names
+    scorers that run only when evaluating (to watch for reward hacking: a quality
+    score that falls while the reward rises); their scores are logged beside the
+    training scorers' and never enter the weighted total."""
+    SCORER_NAMES: ClassVar[tuple[str, ...]] = (
+        "ocr", "geneval", "pickscore", "aesthetic", "jpeg_compressibility", "brightness")
 
     weights: dict[str, float] = field(default_factory=lambda: {"geneval": 1.0})
+    eval: list[str] = field(default_factory=list)
     endpoints: dict[str, str] = field(default_factory=dict)
     num_workers: int = 1
     num_gpus: float = 0.0
@@ -169,6 +186,11 @@ class RewardConfig:
     ocr: OcrConfig = field(default_factory=OcrConfig)
     geneval: GenevalConfig = field(default_factory=GenevalConfig)
     pickscore: PickScoreConfig = field(default_factory=PickScoreConfig)
+    aesthetic: AestheticConfig = field(default_factory=AestheticConfig)
+
+    def all_scorers(self) -> list[str]:
+        """Every scorer a reward worker loads: the training ones, then the evaluation-only ones."""
+        return list(self.weights) + [name for name in self.eval if name not in self.weights]
 
 
 @dataclass
@@ -257,26 +279,33 @@ class Config:
         _check(lora.alpha > 0, "lora.alpha", "must be positive")
         _check(len(lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
         rw = self.reward
-        for scorer, fmt in (("ocr", "ocr"), ("geneval", "geneval")):
-            _check(scorer not in rw.weights or self.prompts.format == fmt, "prompts.format",
-                   f"the {scorer} reward reads its targets from {fmt}-format prompts; set prompts.format: {fmt} "
-                   f"(got {self.prompts.format})")
         _check(len(rw.weights) > 0, "reward.weights", "must name at least one scorer, e.g. {jpeg_compressibility: 1.0}")
         for name, w in rw.weights.items():
-            _check(name in rw.SCORER_NAMES, f"reward.weights.{name}", f"unknown scorer; known: {', '.join(rw.SCORER_NAMES)}")
+            check_scorer_name(name, f"reward.weights.{name}")
             _check(w == w and abs(w) != float("inf"), f"reward.weights.{name}", "must be a finite number")
+        for i, name in enumerate(rw.eval):
+            check_scorer_name(name, f"reward.eval[{i}]")
+            _check(name not in rw.weights and name not in rw.eval[:i], f"reward.eval[{i}]",
+                   f"{name} is already {'in reward.weights' if name in rw.weights else 'listed'}; name it once")
+        for scorer, fmt in (("ocr", "ocr"), ("geneval", "geneval")):
+            _check(scorer not in rw.all_scorers() or self.prompts.format == fmt, "prompts.format",
+                   f"the {scorer} reward reads its targets from {fmt}-format prompts; set prompts.format: {fmt} "
+                   f"(got {self.prompts.format})")
         for name, address in rw.endpoints.items():
             _check(address.startswith("grpc://") and ":" in address[len("grpc://"):], f"reward.endpoints.{name}",
                    f"must look like grpc://host:port, got {address!r}")
-            _check(name in rw.weights, f"reward.endpoints.{name}", f"is not a scorer of reward.weights ({', '.join(rw.weights)})")
-        local = [name for name in rw.weights if name not in rw.endpoints]
+            _check(name in rw.all_scorers(), f"reward.endpoints.{name}",
+                   f"is not a scorer of reward.weights or reward.eval ({', '.join(rw.all_scorers())})")
+        local = [name for name in rw.all_scorers() if name not in rw.endpoints]
         if "ocr" in local:
             _check((rw.ocr.det_model_dir is None) == (rw.ocr.rec_model_dir is None), "reward.ocr.det_model_dir",
                    "give reward.ocr.det_model_dir and reward.ocr.rec_model_dir together, or neither")
             _check(not rw.ocr.use_gpu or rw.num_gpus > 0, "reward.ocr.use_gpu", "needs reward.num_gpus > 0")
             _check(0.0 <= rw.ocr.min_confidence <= 1.0, "reward.ocr.min_confidence",
                    f"must lie in [0, 1] (0.5 is PaddleOCR's drop_score), got {rw.ocr.min_confidence}")
-        for name in ("geneval", "pickscore"):
+        _check("aesthetic" not in local or rw.aesthetic.head is not None, "reward.aesthetic.head",
+               "give the file of the predictor's MLP weights (sac+logos+ava1-l14-linearMSE.pth)")
+        for name in ("geneval", "pickscore", "aesthetic"):
             device = getattr(rw, name).device
             _check(name not in local or not device.startswith("cuda") or rw.num_gpus > 0,
                    f"reward.{name}.device", f"{device!r} needs reward.num_gpus > 0 (or use auto or cpu)")
@@ -314,6 +343,13 @@ def _check_resource(path: str, amount: float) -> None:
     _check(amount >= 0, path, f"must be >= 0, got {amount:g}")
     _check(not path.endswith("num_gpus") or amount <= 1 or amount == int(amount), path,
            f"must be a fraction of one GPU or a whole number of GPUs, got {amount:g}")
+
+
+def check_scorer_name(name: str, path: str) -> None:
+    """The one check of a scorer's name, wherever a user types it (reward.weights,
+    reward.eval, `flowgrpo serve-reward --scorer`)."""
+    _check(name in RewardConfig.SCORER_NAMES, path,
+           f"unknown scorer {name!r}; known scorers: {', '.join(RewardConfig.SCORER_NAMES)}")
 
 
 # ---------------------------------------------------------------- YAML <-> dataclasses

@@ -16,8 +16,10 @@ Columns (DESIGN.md "Data on the wire"):
     policy_version  int64
     rollout_worker  string
   after scoring:
-    rewards         struct<name: float64, ...>  one field per scorer
-    reward          float64      weighted total
+    rewards         struct<name: float64, ...>  one field per scorer that ran
+    reward          float64      weighted total (reward.weights' scorers only)
+    details         string       JSON per image: scorer name -> that scorer's details
+                                 (GenEval's tag and verdicts, the OCR text read, ...)
   after the controller:
     advantage       float64
 
@@ -34,7 +36,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-TENSOR_COLUMNS = ("image", "latents")
 LOG_DROPPED_COLUMNS = ("latents", "image")
 
 
@@ -117,12 +118,31 @@ def metadata_column(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
     return [json.loads(m) for m in batch.column("metadata").to_pylist()]
 
 
-def with_scores(batch: pa.RecordBatch, rewards: Mapping[str, np.ndarray], total: np.ndarray) -> pa.RecordBatch:
-    """Append `rewards` (a struct of one float per scorer) and the weighted `reward`."""
+def with_scores(batch: pa.RecordBatch, rewards: Mapping[str, np.ndarray], total: np.ndarray,
+                details: Sequence[Mapping[str, Any]] | None = None) -> pa.RecordBatch:
+    """Append `rewards` (a struct of one float per scorer), the weighted `reward` and
+    `details`, one {scorer: details} mapping per row (empty ones when not given)."""
     fields = [pa.array(np.asarray(v, dtype=np.float64)) for v in rewards.values()]
     struct = pa.StructArray.from_arrays(fields, names=list(rewards.keys()))
     batch = batch.append_column("rewards", struct)
-    return batch.append_column("reward", pa.array(np.asarray(total, dtype=np.float64)))
+    batch = batch.append_column("reward", pa.array(np.asarray(total, dtype=np.float64)))
+    if details is None:
+        details = [{}] * batch.num_rows
+    if len(details) != batch.num_rows:
+        raise ValueError(f"with_scores: {len(details)} details for {batch.num_rows} rows")
+    return batch.append_column("details", pa.array([json.dumps(d, default=_json_scalar) for d in details], pa.string()))
+
+
+def _json_scalar(value: Any) -> Any:
+    """numpy scalars (a scorer's float32 or bool_) as the Python values JSON takes."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def details_column(data: pa.RecordBatch | pa.Table) -> list[dict[str, dict[str, Any]]]:
+    """The `details` column as one {scorer: details} dict per row."""
+    return [json.loads(d) for d in data.column("details").to_pylist()]
 
 
 def with_advantages(data: pa.Table, advantages: np.ndarray) -> pa.Table:
@@ -157,5 +177,6 @@ def join_latents(data: pa.Table, rollouts: Sequence[pa.RecordBatch]) -> np.ndarr
 
 def for_log(data: pa.Table) -> pa.Table:
     """The rollout log's table: the wire schema without latents and images (they go to
-    checkpoints and sample grids; a Parquet row per image stays small)."""
+    checkpoints and sample grids; a Parquet row per image stays small). The scorers'
+    per-image `details` stay: they tell a reader of the log why a reward was what it was."""
     return data.drop_columns([c for c in LOG_DROPPED_COLUMNS if c in data.column_names])

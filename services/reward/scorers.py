@@ -1,4 +1,6 @@
-"""The scorer registry: names in reward.weights -> scorer classes, and what each needs.
+"""The scorer registry: names in reward.weights and reward.eval -> scorer classes, and
+what each needs. Names are checked once, by the configuration (RewardConfig.SCORER_NAMES,
+which a test keeps equal to this registry's keys).
 
     build_scorer(name, config)   the scorer for `name`: a RemoteScorer when
                                  reward.endpoints names it, else the in-process one
@@ -12,6 +14,7 @@ its GPU and engine live with the service.
 from __future__ import annotations
 
 from common.config import RewardConfig
+from services.reward.aesthetic import AestheticScorer
 from services.reward.base import Scorer, ScorerNeeds
 from services.reward.geneval import GenevalScorer
 from services.reward.image_rewards import Brightness, JpegCompressibility
@@ -20,18 +23,12 @@ from services.reward.pickscore import PickScoreScorer
 from services.reward.remote import RemoteScorer
 
 SCORERS: dict[str, type[Scorer]] = {
-    cls.name: cls for cls in (OcrScorer, GenevalScorer, PickScoreScorer, JpegCompressibility, Brightness)
+    cls.name: cls for cls in (OcrScorer, GenevalScorer, PickScoreScorer, AestheticScorer, JpegCompressibility, Brightness)
 }
 
 
-def _scorer_class(name: str) -> type[Scorer]:
-    if name not in SCORERS:
-        raise ValueError(f"reward.weights.{name}: unknown scorer; known scorers: {', '.join(sorted(SCORERS))}")
-    return SCORERS[name]
-
-
 def local_scorer(name: str, config: RewardConfig) -> Scorer:
-    return _scorer_class(name)(config)
+    return SCORERS[name](config)
 
 
 def build_scorer(name: str, config: RewardConfig) -> Scorer:
@@ -43,4 +40,4 @@ def build_scorer(name: str, config: RewardConfig) -> Scorer:
 def scorer_needs(name: str, config: RewardConfig) -> ScorerNeeds:
     if name in config.endpoints:
         return ScorerNeeds(num_gpus=0.0, num_cpus=config.num_cpus, pip=[])
-    return _scorer_class(name).needs(config)
+    return SCORERS[name].needs(config)

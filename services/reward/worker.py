@@ -1,7 +1,11 @@
 """The reward worker: scores rollout chunks with every configured scorer and the
-weighted total, and drops whole groups that could not be scored.
+weighted total, keeps each scorer's per-image details, and drops whole groups that
+could not be scored.
 
     total = sum over reward.weights of weight x score
+
+In evaluation (`score(batch, evaluation=True)`) the scorers of reward.eval run too:
+their scores join the `rewards` struct but not the total.
 
 For each scorer the chunk is cut into calls of reward.batch_size images. A call that
 raises or exceeds reward.timeout_s is retried reward.retries times (with a short
@@ -83,8 +87,8 @@ class RewardWorker:
     def __init__(self, config: RewardConfig):
         self.config = config
         self.weights = dict(config.weights)
-        self.scorers = {name: build_scorer(name, config) for name in self.weights}
-        self._stats = {name: _Stats() for name in self.weights}
+        self.scorers = {name: build_scorer(name, config) for name in config.all_scorers()}
+        self._stats = {name: _Stats() for name in self.scorers}
         self._failed_groups = 0
 
     def ready(self) -> bool:
@@ -93,30 +97,35 @@ class RewardWorker:
     def engines(self) -> dict[str, str]:
         return {name: scorer.engine for name, scorer in self.scorers.items()}
 
-    def score(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, list[GroupFailure]]:
-        """The rows of fully scored groups with `rewards` and `reward` columns added
-        (common.wire.with_scores), without the latents (the learner reads those from
-        the rollout batch itself: scoring does not copy them), and one GroupFailure per
-        dropped group."""
+    def score(self, batch: pa.RecordBatch, evaluation: bool = False) -> tuple[pa.RecordBatch, list[GroupFailure]]:
+        """The rows of fully scored groups with `rewards`, `reward` and `details` columns
+        added (common.wire.with_scores), without the latents (the learner reads those
+        from the rollout batch itself: scoring does not copy them), and one GroupFailure
+        per dropped group. With `evaluation` the reward.eval scorers run as well (a
+        failure of theirs drops the group as any other would)."""
         images = tensor_column(batch, "image")
         prompts = batch.column("prompt").to_pylist()
         metadata = metadata_column(batch)
         groups = batch.column("prompt_index").to_numpy()
+        names = list(self.scorers) if evaluation else list(self.weights)
         failures: dict[int, GroupFailure] = {}
-        scores = {}
-        for name in self.weights:
-            scores[name] = self._score_all(name, images, prompts, metadata, groups, failures)
+        scores, details = {}, {}
+        for name in names:
+            scores[name], details[name] = self._score_all(name, images, prompts, metadata, groups, failures)
         keep = ~np.isin(groups, list(failures))
         total = sum(weight * scores[name] for name, weight in self.weights.items())
         rows = batch.filter(pa.array(keep))
         if "latents" in rows.schema.names:
             rows = rows.drop_columns(["latents"])
-        scored = with_scores(rows, {n: s[keep] for n, s in scores.items()}, total[keep])
+        per_row = [{name: details[name][i] for name in names} for i in np.flatnonzero(keep)]
+        scored = with_scores(rows, {n: s[keep] for n, s in scores.items()}, total[keep], per_row)
         self._failed_groups += len(failures)
         return scored, list(failures.values())
 
-    def _score_all(self, name, images, prompts, metadata, groups, failures) -> np.ndarray:
+    def _score_all(self, name, images, prompts, metadata, groups, failures) -> tuple[np.ndarray, list[dict]]:
+        """The scorer's score and details per image (NaN and {} where a call failed)."""
         values = np.full(len(prompts), np.nan)
+        details: list[dict] = [{} for _ in prompts]
         step = self.config.batch_size
         for start in range(0, len(prompts), step):
             rows = slice(start, start + step)
@@ -127,12 +136,13 @@ class RewardWorker:
                     failures.setdefault(int(group), GroupFailure(int(group), name, str(err)))
                 continue
             values[rows] = out.scores
+            details[rows] = out.details
             for i in np.flatnonzero(np.isnan(out.scores)):
                 self._stats[name].nan_scores += 1
                 group = int(groups[start + i])
                 why = out.details[i].get("error", "no reason given")
                 failures.setdefault(group, GroupFailure(group, name, f"{name} gave NaN for {prompts[start + i]!r}: {why}"))
-        return values
+        return values, details
 
     def _call(self, name, images, prompts, metadata) -> ScoreOutput:
         scorer, stats = self.scorers[name], self._stats[name]

@@ -1,8 +1,39 @@
-"""The throughput tool runs a scorer in process and through a local gRPC service."""
-from services.reward.bench import main
+"""The scorer throughput tool (tests/bench/bench_reward.py): each scorer measured in
+process and through a local gRPC service, one it cannot load reported and skipped."""
+import re
+
+import pytest
+
+from tests.bench.bench_reward import main, sample_batch, timed
 
 
-def test_bench_reports_images_per_second_and_the_grpc_round_trip(capsys):
-    main(["--scorers", "brightness", "--batch", "2", "--size", "64", "--repeats", "1", "--grpc"])
-    line = capsys.readouterr().out.strip()
-    assert line.startswith("brightness") and "images/s" in line and "gRPC" in line and "[numpy-mean]" in line
+def test_timed_warms_up_once_then_averages_the_repeats():
+    class Worker:
+        calls = 0
+
+        def score(self, batch):
+            self.calls += 1
+            return batch, []
+
+    worker = Worker()
+    assert timed(worker, sample_batch(2, 32), repeats=3) >= 0 and worker.calls == 1 + 3
+
+
+def test_a_failing_scorer_stops_the_measurement():
+    class Worker:
+        def score(self, batch):
+            return batch, [type("Failure", (), {"scorer": "ocr", "reason": "engine crashed"})()]
+
+    with pytest.raises(RuntimeError, match="ocr failed: engine crashed"):
+        timed(Worker(), sample_batch(2, 32), repeats=1)
+
+
+def test_each_scorer_is_measured_or_reported_as_not_measured(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    main(["--scorers", "aesthetic", "brightness", "--batch", "2", "--size", "64", "--repeats", "1", "--grpc"])
+    aesthetic, brightness = capsys.readouterr().out.strip().splitlines()
+    assert re.match(r"aesthetic +not measured: FileNotFoundError: reward.aesthetic.head", aesthetic)
+    found = re.match(r"brightness +([\d.]+) images/s +([\d.]+) ms/batch +\[numpy-mean\] +gRPC +([\d.]+) ms/batch", brightness)
+    assert found, brightness
+    per_s, ms, grpc_ms = map(float, found.groups())
+    assert per_s == pytest.approx(2 / (ms / 1000), rel=0.05, abs=0.02) and grpc_ms > 0

@@ -10,7 +10,7 @@ from services.reward.geneval import (
     COLOR_TEMPLATES, GenevalScorer, crop_for_color, geneval_label_names, mask_box)
 from services.reward.geneval_rules import COLORS, OBJECT_NAMES, Detection, evaluate
 from services.reward.scorers import build_scorer
-from services.reward.tiny import COCO_NAMES, make_tiny_clip, make_tiny_mask2former
+from tests.helpers.tiny_rewards import COCO_NAMES, make_tiny_clip, make_tiny_mask2former
 
 BOWL = {"tag": "single_object", "include": [{"class": "bowl", "count": 1}], "prompt": "a photo of a bowl"}
 CAT = {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"}

@@ -9,7 +9,7 @@ from transformers import CLIPModel
 from common.config import PickScoreConfig, RewardConfig
 from services.reward.pickscore import PickScoreScorer
 from services.reward.scorers import build_scorer
-from services.reward.tiny import make_tiny_clip
+from tests.helpers.tiny_rewards import make_tiny_clip
 
 PROMPTS = ["a photo of a red cat", "a green dog", "a blue bowl on a dining table"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from common.config import ConfigError, GenevalConfig, OcrConfig, RewardConfig, load_config
-from common.wire import make_rollout_batch
+from common.wire import details_column, make_rollout_batch
 from services.reward import worker as worker_module
 from services.reward.base import ScoreOutput, Scorer
 from services.reward.image_rewards import Brightness, JpegCompressibility
@@ -54,6 +54,18 @@ class NanOnGroup2(Scorer):
         return ScoreOutput(scores=np.array(scores), details=[{"error": "no text"} for _ in images])
 
 
+class Echo(Scorer):
+    """Scores 0.5 and says which prompt and group it saw, to check details stay on their row."""
+    name = "echo"
+
+    def __init__(self, config):
+        self.engine = "test"
+
+    def _score(self, images, prompts, metadata):
+        return ScoreOutput(scores=np.full(len(images), 0.5),
+                           details=[{"prompt": p, "group": np.int64(group_of(im))} for p, im in zip(prompts, images)])
+
+
 class Slow(Scorer):
     name = "slow"
 
@@ -68,7 +80,7 @@ class Slow(Scorer):
 @pytest.fixture(autouse=True)
 def test_scorers(monkeypatch):
     monkeypatch.setattr(worker_module, "RETRY_BACKOFF_S", 0.0)
-    for cls in (FailsOnGroup1, NanOnGroup2, Slow):
+    for cls in (FailsOnGroup1, NanOnGroup2, Echo, Slow):
         monkeypatch.setitem(SCORERS, cls.name, cls)
 
 
@@ -86,6 +98,45 @@ def test_weights_combine_as_configured():
     np.testing.assert_allclose(rewards.field("jpeg_compressibility").to_numpy(), jpeg)
     np.testing.assert_allclose(scored.column("reward").to_numpy(), 2.0 * bright + 0.5 * jpeg)
     assert scored.column("policy_version").to_pylist() == [3] * 6  # the rest of the row travels on
+
+
+def test_details_keep_every_scorers_verdict_on_its_row():
+    worker = RewardWorker(RewardConfig(weights={"echo": 1.0, "jpeg_compressibility": 1.0, "fails_on_group1": 1.0},
+                                       batch_size=2, retries=0))
+    batch = rollout_batch()
+    scored, _ = worker.score(batch)
+    details = details_column(scored)
+    assert [d["echo"] for d in details] == [{"prompt": p, "group": g}
+                                            for p, g in zip(scored.column("prompt").to_pylist(), [0, 0, 2, 2])]
+    kept = [i for i, g in enumerate(batch.column("prompt_index").to_pylist()) if g != 1]
+    images = list(np.asarray(batch.column("image").to_numpy_ndarray())[kept])
+    jpeg = JpegCompressibility(RewardConfig()).score(images, [""] * 4, [{}] * 4).details
+    assert [d["jpeg_compressibility"] for d in details] == jpeg
+    assert all(d["fails_on_group1"] == {} for d in details)
+
+
+def test_evaluation_scorers_run_only_in_evaluation_and_stay_out_of_the_total():
+    worker = RewardWorker(RewardConfig(weights={"brightness": 2.0}, eval=["echo"]))
+    assert worker.engines() == {"brightness": "numpy-mean", "echo": "test"}  # loaded with the worker
+    batch = rollout_batch()
+    trained, _ = worker.score(batch)
+    assert trained.column("rewards").type.names == ["brightness"]
+    assert list(details_column(trained)[0]) == ["brightness"]
+    evaluated, _ = worker.score(batch, evaluation=True)
+    rewards = evaluated.column("rewards")
+    assert rewards.type.names == ["brightness", "echo"]
+    assert rewards.field("echo").to_pylist() == [0.5] * 6
+    np.testing.assert_allclose(evaluated.column("reward").to_numpy(), 2.0 * rewards.field("brightness").to_numpy())
+    assert list(details_column(evaluated)[0]) == ["brightness", "echo"]
+    assert worker.metrics()["echo/images"] == 6
+
+
+def test_an_evaluation_scorer_that_fails_drops_the_group_in_evaluation_only():
+    worker = RewardWorker(RewardConfig(weights={"brightness": 1.0}, eval=["fails_on_group1"], retries=0, batch_size=2))
+    assert worker.score(rollout_batch())[1] == []
+    scored, failures = worker.score(rollout_batch(), evaluation=True)
+    assert scored.column("prompt_index").to_pylist() == [0, 0, 2, 2]
+    assert [(f.prompt_index, f.scorer) for f in failures] == [(1, "fails_on_group1")]
 
 
 def test_a_failing_scorer_fails_its_group_only():
@@ -187,14 +238,9 @@ def test_an_ocr_engine_error_is_retried_then_its_group_dropped_and_counted(monke
 # ---------------------------------------------------------------- registry and needs
 
 def test_registry_knows_every_configurable_scorer(monkeypatch):
-    for name in (FailsOnGroup1.name, NanOnGroup2.name, Slow.name):
+    for name in (FailsOnGroup1.name, NanOnGroup2.name, Echo.name, Slow.name):
         monkeypatch.delitem(SCORERS, name)
     assert set(SCORERS) == set(RewardConfig.SCORER_NAMES)
-
-
-def test_unknown_scorer_is_a_clear_error():
-    with pytest.raises(ValueError, match="reward.weights.aesthetic: unknown scorer; known scorers: brightness"):
-        build_scorer("aesthetic", RewardConfig())
 
 
 def test_needs():
@@ -212,9 +258,17 @@ def test_needs():
 
 
 @pytest.mark.parametrize("overrides, field, words", [
-    (["reward.weights={aesthetic: 1.0}"], "reward.weights.aesthetic", "unknown scorer"),
+    (["reward.weights={nope: 1.0}"], "reward.weights.nope", "unknown scorer 'nope'; known scorers: ocr, geneval"),
+    (["reward.eval=[brightness, nope]"], "reward.eval[1]", "unknown scorer 'nope'; known scorers: ocr, geneval"),
+    (["reward.eval=[geneval]", "reward.weights={geneval: 1.0}"], "reward.eval[0]", "already in reward.weights"),
+    (["reward.eval=[brightness, brightness]"], "reward.eval[1]", "already listed"),
+    (["reward.eval=[ocr]", "prompts.format=geneval"], "prompts.format", "set prompts.format: ocr"),
+    (["reward.eval=[aesthetic]"], "reward.aesthetic.head", "sac+logos+ava1-l14-linearMSE.pth"),
+    (["reward.eval=[aesthetic]", "reward.aesthetic.head=h.pth", "reward.aesthetic.device=cuda:0"],
+     "reward.aesthetic.device", "num_gpus"),
     (["reward.weights={brightness: .nan}"], "reward.weights.brightness", "finite"),
-    (["reward.endpoints={ocr: 'grpc://127.0.0.1:5000'}"], "reward.endpoints.ocr", "not a scorer of reward.weights"),
+    (["reward.endpoints={ocr: 'grpc://127.0.0.1:5000'}"], "reward.endpoints.ocr",
+     "not a scorer of reward.weights or reward.eval"),
     (["reward.weights={ocr: 1.0}", "prompts.format=ocr", "reward.ocr.det_model_dir=/models/det"],
      "reward.ocr.det_model_dir", "together"),
     (["reward.weights={ocr: 1.0}", "prompts.format=ocr", "reward.ocr.use_gpu=true"], "reward.ocr.use_gpu", "num_gpus"),
@@ -227,7 +281,15 @@ def test_needs():
 def test_config_errors_name_the_field(overrides, field, words):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
-    assert str(err.value).startswith(field + ":") and words in str(err.value)
+    assert f"{field}: " in str(err.value) and words in str(err.value)
+
+
+def test_evaluation_scorers_may_be_remote_and_count_in_the_workers_needs():
+    config = load_config(None, ["reward.eval=[brightness, aesthetic]", "reward.num_gpus=1",
+                                "reward.endpoints={brightness: 'grpc://127.0.0.1:5000'}", "reward.aesthetic.head=h.pth",
+                                "reward.geneval.device=cpu"])
+    assert config.reward.all_scorers() == ["geneval", "brightness", "aesthetic"]
+    assert [scorer_needs(name, config.reward).num_gpus for name in config.reward.all_scorers()] == [0.0, 0.0, 1.0]
 
 
 def test_remote_scorers_skip_local_engine_checks():

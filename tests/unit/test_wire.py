@@ -40,3 +40,17 @@ def test_latents_join_back_to_the_groups_that_survived_scoring():
     assert np.array_equal(joined, expected)
     with pytest.raises(ValueError, match="in order"):
         wire.join_latents(scored, [second, first])
+
+
+def test_details_travel_as_json_per_row_and_stay_in_the_log():
+    batch = _batch([5, 9])
+    details = [{"geneval": {"tag": "position", "correct": np.bool_(i % 2 == 0), "score": np.float32(0.75)},
+                "ocr": {"text": f"t{i}", "target": "t"}} for i in range(4)]
+    scored = wire.with_scores(batch, {"brightness": np.arange(4.0)}, np.arange(4.0), details)
+    log = wire.for_log(wire.concat([scored]))
+    assert log.schema.field("details").type == "string"
+    back = wire.details_column(log)
+    assert back[1] == {"geneval": {"tag": "position", "correct": False, "score": 0.75}, "ocr": {"text": "t1", "target": "t"}}
+    assert wire.details_column(wire.with_scores(batch, {"brightness": np.arange(4.0)}, np.arange(4.0))) == [{}] * 4
+    with pytest.raises(ValueError, match="3 details for 4 rows"):
+        wire.with_scores(batch, {"brightness": np.arange(4.0)}, np.arange(4.0), details[:3])

@@ -1,18 +1,20 @@
-"""Tiny random reward models of the production classes, built offline.
+"""Tiny random reward models of the production classes, built offline (test helpers).
 
 `make_tiny_clip(dir)` writes a CLIPModel with a CLIPProcessor (a byte-level BPE
-tokenizer trained here, CLIP-style, every byte in the vocabulary) and
+tokenizer trained here, CLIP-style, every byte in the vocabulary),
 `make_tiny_mask2former(dir)` a Mask2FormerForUniversalSegmentation with a Swin backbone
-and its image processor, labelled with COCO's 80 class names. Both are saved with
-save_pretrained and read back by the production loaders (GenevalScorer,
-PickScoreScorer) given the directory in place of a hub id: the whole loading and
-inference path runs on the CPU without a model hub. Random weights: the numbers mean
-nothing, the machinery is real.
+and its image processor, labelled with COCO's 80 class names, and
+`make_tiny_aesthetic_head(file)` the aesthetic predictor's MLP for the tiny CLIP's
+embedding width. They are read back by the production loaders (GenevalScorer,
+PickScoreScorer, AestheticScorer) given the paths in place of hub ids and released
+files: the whole loading and inference path runs on the CPU without a model hub.
+Random weights: the numbers mean nothing, the machinery is real.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from services.reward.aesthetic import aesthetic_head
 from services.reward.geneval import COCO_TO_GENEVAL, COLOR_TEMPLATES
 from services.reward.geneval_rules import COLORS, OBJECT_NAMES
 
@@ -74,3 +76,15 @@ def make_tiny_mask2former(directory: str | Path, seed: int = 0, image_size: int 
     Mask2FormerForUniversalSegmentation(config).save_pretrained(directory)
     Mask2FormerImageProcessor(size={"shortest_edge": image_size, "longest_edge": image_size}).save_pretrained(directory)
     return directory
+
+
+def make_tiny_aesthetic_head(path: str | Path, embed_dim: int = 16, seed: int = 0) -> Path:
+    """The aesthetic predictor's MLP for `embed_dim`-wide embeddings (the tiny CLIP's
+    projection), random, saved as a state dict file like the released one."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    torch.save(aesthetic_head(embed_dim).state_dict(), path)
+    return path

@@ -1,7 +1,9 @@
 """Throughput of scorers on this machine, in process and through the gRPC service.
 
-    python -m services.reward.bench [--scorers ocr pickscore ...] [--config run.yaml]
-                                    [--set KEY=VALUE ...] [--tiny] [--batch 8] [--size 512]
+    python -m tests.bench.bench_reward [--scorers ocr pickscore ...] [--config run.yaml]
+                                       [--set KEY=VALUE ...] [--tiny] [--batch 8] [--size 512]
+
+(from the repository root, which holds the tests.helpers it imports)
 
 Scores batches of `--batch` images of `--size` px (black words rendered in DejaVuSans on
 white, with an OCR-style quoted prompt and GenEval metadata, so every scorer does its
@@ -9,8 +11,8 @@ real work) through a RewardWorker, as training does, after one warm-up batch, an
 prints images/s per scorer. With --grpc it also serves each scorer on 127.0.0.1 and
 reports the round trip of one batch through the service (PNG encoding, transfer,
 decoding) against the in-process call.
---tiny points geneval and pickscore at tiny random models built in a temporary
-directory: their throughput is then the tiny models', not the production ones'. A
+--tiny points geneval, pickscore and aesthetic at tiny random models built in a
+temporary directory: their throughput is then the tiny models', not the production ones'. A
 scorer whose model cannot be loaded here is reported as not measured.
 """
 from __future__ import annotations
@@ -24,11 +26,12 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
-from common.config import load_config
+from common.config import RewardConfig, load_config
 from common.models import quiet_libraries
 from common.wire import make_rollout_batch
 from services.reward.grpc_service import serve
 from services.reward.worker import RewardWorker
+from tests.helpers.tiny_rewards import make_tiny_aesthetic_head, make_tiny_clip, make_tiny_mask2former
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 WORDS = ("Hello World", "Forever Yours", "NASA 2049", "Open Late")
@@ -66,10 +69,10 @@ def timed(worker: RewardWorker, batch: pa.RecordBatch, repeats: int) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scorers", nargs="+", default=["ocr", "geneval", "pickscore", "jpeg_compressibility", "brightness"])
+    parser.add_argument("--scorers", nargs="+", default=list(RewardConfig.SCORER_NAMES))
     parser.add_argument("--config", help="YAML config whose reward section configures the scorers")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--tiny", action="store_true", help="tiny random geneval and pickscore models (offline)")
+    parser.add_argument("--tiny", action="store_true", help="tiny random geneval, pickscore and aesthetic models (offline)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
@@ -80,10 +83,11 @@ def main(argv=None) -> None:
     reward = load_config(args.config, args.overrides).reward
     with tempfile.TemporaryDirectory(prefix="flowgrpo-bench-") as root:
         if args.tiny:
-            from services.reward.tiny import make_tiny_clip, make_tiny_mask2former
             clip, detector = str(make_tiny_clip(f"{root}/clip")), str(make_tiny_mask2former(f"{root}/detector"))
+            head = str(make_tiny_aesthetic_head(f"{root}/aesthetic.pth"))
             reward = replace(reward, geneval=replace(reward.geneval, detector=detector, clip=clip),
-                             pickscore=replace(reward.pickscore, processor=clip, model=clip))
+                             pickscore=replace(reward.pickscore, processor=clip, model=clip),
+                             aesthetic=replace(reward.aesthetic, clip=clip, head=head))
         batch = sample_batch(args.batch, args.size)
         for name in args.scorers:
             try:
