@@ -91,14 +91,20 @@ def make_rollout_batch(
     )
 
 
-def make_image_batch(prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]],
-                     images: np.ndarray) -> pa.RecordBatch:
+def make_image_batch(prompts: Sequence[str], prompt_index: Sequence[int], metadata: Sequence[Mapping[str, Any]],
+                     images: np.ndarray, seeds: Sequence[int], policy_version: int) -> pa.RecordBatch:
     """Images to score that are not rollouts (evaluation samples): the scorers' columns
-    of the rollout schema only, one group per image."""
+    of the rollout schema (`prompt_index` the group key), each image's noise `seed` and
+    the `policy_version` that drew it."""
+    n = len(prompts)
+    for name, value in (("prompt_index", prompt_index), ("metadata", metadata), ("images", images), ("seeds", seeds)):
+        if len(value) != n:
+            raise ValueError(f"make_image_batch: {name} has {len(value)} rows, prompts has {n}")
     return pa.RecordBatch.from_arrays(
-        [pa.array(list(prompts), pa.string()), pa.array(np.arange(len(prompts), dtype=np.int64)),
-         pa.array([json.dumps(m) for m in metadata], pa.string()), tensor_array(images)],
-        names=["prompt", "prompt_index", "metadata", "image"])
+        [pa.array(list(prompts), pa.string()), pa.array(np.asarray(prompt_index, dtype=np.int64)),
+         pa.array([json.dumps(m) for m in metadata], pa.string()), tensor_array(images),
+         pa.array(np.asarray(seeds, dtype=np.int64)), pa.array(np.full(n, policy_version, dtype=np.int64))],
+        names=["prompt", "prompt_index", "metadata", "image", "seed", "policy_version"])
 
 
 def tensor_column(batch: pa.RecordBatch | pa.Table, name: str) -> np.ndarray:

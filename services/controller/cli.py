@@ -16,6 +16,9 @@ examples:
   flowgrpo train --set run.iterations=50 --set rollout.num_workers=1
   flowgrpo train --config deploy/configs/sd35_geneval.yaml --run-dir runs/geneval
   flowgrpo train --resume runs/geneval             continue from the last checkpoint
+  flowgrpo eval runs/geneval                       the paper's evaluation of the run's latest checkpoint
+  flowgrpo eval --config deploy/configs/sd35_geneval.yaml --base --run-dir runs/sd35-base
+                                                   the same for the base model (the row before training)
   flowgrpo make-tiny-model /tmp/tiny --preset m    the offline tiny SD3.5-architecture model
   flowgrpo make-prompts geneval train.jsonl --avoid test_metadata.jsonl
                                                    GenEval-style training prompts, none from the test set
@@ -67,6 +70,24 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--config", type=Path, help="YAML config whose reward section configures the scorer")
     serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    evaluate = sub.add_parser(
+        "eval", help="the paper's evaluation of a run's LoRA or of the base model",
+        description="Evaluate as the paper: every test prompt (prompts.eval) with run.eval_images_per_prompt ODE "
+                    "samples of sample.eval_steps steps, scored by the run's scorers and reward.eval; GenEval "
+                    "accuracy per tag and overall, OCR accuracy, PickScore. Writes RUN_DIR/eval/iter_N.json "
+                    "(and .parquet, .png), RUN_DIR/eval.jsonl and TensorBoard scalars.")
+    evaluate.add_argument("run", type=Path, nargs="?", metavar="RUN_DIR",
+                          help="a run folder: evaluates the EMA LoRA of its latest checkpoint, with its config.yaml")
+    evaluate.add_argument("--checkpoint", type=int, metavar="N", help="the checkpoint of iteration N instead")
+    evaluate.add_argument("--base", action="store_true",
+                          help="the base model (LoRA at zero), written as iteration 0: the row before training")
+    evaluate.add_argument("--config", type=Path, help="with --base and no RUN_DIR: YAML config (default: the tiny one)")
+    evaluate.add_argument("--run-dir", type=Path, help="with --base and no RUN_DIR: where to write "
+                                                       "(default: runs/<run.name>-base-<time>)")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config value, e.g. run.eval_prompts=64 or rollout.num_workers=8")
+    evaluate.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local cluster)")
     return parser
 
 
@@ -91,6 +112,33 @@ def _train(args) -> int:
         first, last = history[0]["reward_mean"], history[-1]["reward_mean"]
         print(f"flowgrpo: reward mean {first:.4f} -> {last:.4f} over {len(history)} iterations; curve in "
               f"{Path(run_dir) / 'reward_curve.png'}, LoRA in {Path(run_dir) / 'lora'}", file=sys.stderr)
+    return 0
+
+
+def _eval(args) -> int:
+    from common.config import ConfigError, load_config
+    from services.controller.evaluation import run_eval
+    from services.controller.preflight import prepare
+
+    if args.run is None and not args.base:
+        raise ConfigError("flowgrpo eval: give RUN_DIR (a run's LoRA) or --base (the base model)")
+    if args.base and args.checkpoint is not None:
+        raise ConfigError("--checkpoint: not with --base, which evaluates the base model (the LoRA at zero)")
+    if args.run is not None:
+        for flag, given in (("--config", args.config), ("--run-dir", args.run_dir)):
+            if given:
+                raise ConfigError(f"{flag}: not with RUN_DIR, whose config.yaml is used and where the results go "
+                                  "(change values with --set)")
+        config, run_dir = load_config(args.run / "config.yaml", args.overrides), args.run
+    else:
+        config = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+        run_dir = args.run_dir or Path("runs") / f"{config.run.name}-base-{time.strftime('%Y%m%d-%H%M%S')}"
+    metrics = run_eval(prepare(config), run_dir, checkpoint=args.checkpoint, base=args.base, address=args.address)
+    shown = [k for k in metrics if k.startswith(("geneval/", "ocr/accuracy", "pickscore/mean"))] or \
+        [k for k in metrics if k.endswith("/mean")]
+    print("flowgrpo: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in shown)
+          + f"; {metrics['images']:.0f} images, {metrics['groups_failed']:.0f} prompts failed scoring, "
+          f"{metrics['time/evaluate']:.1f} s; in {Path(run_dir) / 'eval'}", file=sys.stderr)
     return 0
 
 
@@ -127,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "make-prompts":
             return _make_prompts(args)
+        if args.command == "eval":
+            return _eval(args)
         if args.command == "serve-reward":
             from common.config import load_config
             from services.reward.grpc_service import run_server

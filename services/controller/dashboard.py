@@ -10,6 +10,7 @@ so `flowgrpo_iteration` is scraped as `ray_flowgrpo_iteration`):
     flowgrpo_images_per_second        rollout throughput of the last iteration
     flowgrpo_reward_mean{reward}      mean reward per reward name (and the weighted total)
     flowgrpo_queue_depth{queue}       items waiting in each queue
+    flowgrpo_eval{metric}             the last evaluation's metrics (geneval/overall, ocr/accuracy, ...)
 
 The phase is a 0/1 gauge per phase name rather than a numeric id: a Grafana state-timeline
 panel on `flowgrpo_phase == 1` shows the phase by name, and a new phase needs no id table.
@@ -36,6 +37,7 @@ _GAUGES = {  # key: (metric name, description, tag key)
     "images_per_second": ("flowgrpo_images_per_second", "Rollout images generated per second", None),
     "reward_mean": ("flowgrpo_reward_mean", "Mean reward of the last iteration per reward name", "reward"),
     "queue_depth": ("flowgrpo_queue_depth", "Items waiting in each queue", "queue"),
+    "eval": ("flowgrpo_eval", "The last evaluation's metrics (GenEval accuracies, OCR accuracy, PickScore)", "metric"),
 }
 
 
@@ -80,6 +82,10 @@ class DashboardMetrics:
 
     def set_queue_depth(self, name: str, depth: int) -> None:
         self._set("queue_depth", depth, name)
+
+    def set_eval(self, metrics: Mapping[str, float]) -> None:
+        for name, value in metrics.items():
+            self._set("eval", value, name)
 
     def close(self) -> None:
         """Stop the refresh thread; the series then age out of the dashboard."""

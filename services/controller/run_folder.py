@@ -11,6 +11,10 @@
                                     starts a new part); read all with pyarrow.parquet.read_table(RUN_DIR / "rollouts")
       checkpoints/iter_000050/    one directory per checkpoint, filled by the learner and controller
       lora/                       the final LoRA adapter
+      eval/iter_000010.json       an evaluation (services/controller/evaluation.py): its metrics, one flat object;
+      eval/iter_000010.parquet      a row per image (prompt, seed, scores, the scorers' verdicts; no image);
+      eval/iter_000010.png          a grid of its first images; _tags.png GenEval's accuracy per tag
+      eval.jsonl                  every evaluation's metrics, one line each: {"iteration": i, ...}
 
 Reward metrics follow one naming rule so the plot can find them: `reward/<name>/mean` and
 `reward/<name>/std` (`reward_summary` builds them). A resumed run opens the same folder and
@@ -36,6 +40,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from common.config import Config, dump_config
+from common.prompts import GENEVAL_TAGS
 from common.wire import for_log
 
 _REWARD_MEAN = re.compile(r"^reward/(.+)/mean$")
@@ -161,7 +166,7 @@ class RunFolder:
         return path
 
     def save_sample_grid(self, iteration: int, images: np.ndarray, captions: Sequence[str],
-                         rewards: Sequence[float]) -> Path:
+                         rewards: Sequence[float], subdir: str = "samples", label: str = "reward") -> Path:
         """samples/iter_XXXXXX.png: the images in a near-square grid, under each its reward
         and as much of its caption as fits."""
         images = np.asarray(images)
@@ -181,13 +186,60 @@ class RunFolder:
         for i in range(n):
             x, y = (i % cols) * cell_width, (i // cols) * cell_height
             grid.paste(Image.fromarray(images[i]), (x + (cell_width - width) // 2, y))
-            draw.text((x + 3, y + height + 2), f"reward {float(rewards[i]):.4g}", fill="black", font=font)
+            draw.text((x + 3, y + height + 2), f"{label} {float(rewards[i]):.4g}", fill="black", font=font)
             draw.text((x + 3, y + height + 2 + line_height), _fit(draw, captions[i], font, cell_width - 6),
                       fill="dimgray", font=font)
-        path = self.path / "samples" / f"iter_{iteration:06d}.png"
+        path = self.path / subdir / f"iter_{iteration:06d}.png"
         path.parent.mkdir(exist_ok=True)
         grid.save(path)
         return path
+
+    # ------------------------------------------------------------ evaluation
+
+    def write_eval(self, iteration: int, metrics: Mapping[str, Any], verdicts: pa.Table, images: np.ndarray,
+                   captions: Sequence[str], values: Sequence[float], label: str) -> Path:
+        """An evaluation after `iteration` iterations, as the module docstring lists: the
+        JSON, the verdicts' Parquet (`verdicts` without images), the grid of `images` with
+        `label` and caption under each, GenEval's per-tag plot when GenEval ran, its line in
+        eval.jsonl (replacing an earlier evaluation of the same iteration) and TensorBoard
+        scalars eval/<key> at step `iteration`. Returns the JSON's path."""
+        stem = self.path / "eval" / f"iter_{iteration:06d}"
+        stem.parent.mkdir(exist_ok=True)
+        record = _jsonable(dict(metrics))
+        stem.with_suffix(".json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        pq.write_table(for_log(verdicts), stem.with_suffix(".parquet"))
+        if len(images):
+            self.save_sample_grid(iteration, images, captions, values, subdir="eval", label=label)
+        self._plot_eval_tags(stem.with_name(stem.name + "_tags.png"), iteration, metrics)
+        rows = [row for row in self.read_eval() if row["iteration"] != iteration] + [{"iteration": iteration, **record}]
+        tmp = self.path / "eval.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in sorted(rows, key=lambda r: r["iteration"])),
+                       encoding="utf-8")
+        os.replace(tmp, self.path / "eval.jsonl")
+        self._log_tensorboard(iteration, {f"eval/{key}": value for key, value in metrics.items()})
+        return stem.with_suffix(".json")
+
+    def read_eval(self) -> list[dict[str, Any]]:
+        path = self.path / "eval.jsonl"
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+    @staticmethod
+    def _plot_eval_tags(path: Path, iteration: int, metrics: Mapping[str, Any]) -> None:
+        """GenEval's accuracy per tag, overall (the tags' mean) and strict, as bars."""
+        keys = [f"geneval/{tag}" for tag in GENEVAL_TAGS] + ["geneval/overall", "geneval/strict"]
+        keys = [key for key in keys if key in metrics]
+        if not keys:
+            return
+        figure = Figure(figsize=(7, 3), layout="constrained")
+        ax = figure.subplots()
+        bars = ax.bar([key.split("/")[1] for key in keys], [metrics[key] for key in keys],
+                      color=["C0"] * (len(keys) - 2) + ["C1", "C2"])
+        ax.bar_label(bars, fmt="%.2f")
+        ax.set_ylim(0, 1.08)
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"GenEval after {iteration} iterations ({metrics.get('images', 0):.0f} images)")
+        ax.tick_params(axis="x", labelrotation=20)
+        figure.savefig(path, dpi=100)
 
     # ------------------------------------------------------------ rollout log
 

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import ray
 import torch
@@ -28,7 +27,7 @@ from common import wire
 from common.config import Config
 from common.lora import save_diffusers_lora
 from common.prompts import PromptStream, load_prompts, resolve_prompt_path
-from services.controller import cluster
+from services.controller import cluster, evaluation
 from services.controller.dashboard import DashboardMetrics
 from services.controller.iteration import assign_advantages, reward_stats
 from services.controller.run_folder import RunFolder
@@ -80,8 +79,7 @@ class SyncTrainer:
         self.folder: RunFolder | None = None  # created once the cluster is known to hold the config
         records = load_prompts(resolve_prompt_path(config.prompts.train), config.prompts.format)
         self.stream = PromptStream(records, config.run.seed)
-        self.eval_records = (load_prompts(resolve_prompt_path(config.prompts.eval), config.prompts.format)
-                             if config.prompts.eval else records)
+        self.eval_records = evaluation.eval_records(config)
         self.start_iteration = 0
         self.resume = resume
         self.rollouts: list[cluster.RolloutHandle] = []
@@ -141,6 +139,8 @@ class SyncTrainer:
         cfg = self.config.run
         bar = tqdm(range(self.start_iteration, cfg.iterations), initial=self.start_iteration, total=cfg.iterations,
                    desc="flowgrpo", unit="it", dynamic_ncols=True)
+        if self.start_iteration == 0:
+            self.maybe_evaluate(0)  # the row before any update
         for it in bar:
             metrics = self.iteration(it)
             history.append(metrics)
@@ -160,7 +160,7 @@ class SyncTrainer:
         data, metrics = scored.data, scored.metrics
         metrics.update(self.learn(scored))
         metrics.update(self.publish_weights(wait=self.wait_for_weights))
-        metrics.update(self.maybe_evaluate(it))
+        metrics.update(self.maybe_evaluate(it + 1))
         self._log(it, data, metrics, start)
         return metrics
 
@@ -253,30 +253,18 @@ class SyncTrainer:
         staleness = self.version - min(data.column("policy_version").to_pylist())  # learner version minus rollout's
         return {**metrics, "staleness": float(staleness), "time/learn": time.perf_counter() - start}
 
-    def maybe_evaluate(self, it: int) -> dict[str, float]:
-        """Every `run.eval_every` iterations: ODE samples with `sample.eval_steps` steps and
-        the EMA weights on `run.eval_prompts` evaluation prompts, scored like rollouts."""
-        every = self.config.run.eval_every
-        if not every or (it + 1) % every:
+    def maybe_evaluate(self, done: int) -> dict[str, float]:
+        """After `done` iterations, when evaluation.is_due: the paper's evaluation
+        (services/controller/evaluation.py) of the EMA weights, written to the run
+        folder; the rollout workers get the training LoRA back afterwards."""
+        if not evaluation.is_due(done, self.config.run):
             return {}
         self.dashboard.set_phase("evaluate")
         start = time.perf_counter()
-        n = self.config.run.eval_prompts or len(self.eval_records)
-        records = self.eval_records[:n]
-        eval_weights = self.learner.weights.remote(ema=True)
-        ray.get([h.actor.set_weights.remote(eval_weights) for h in self.rollouts])
-        per_worker = -(-len(records) // len(self.rollouts))
-        parts = [records[i:i + per_worker] for i in range(0, len(records), per_worker)]
-        images = ray.get([h.actor.evaluate.remote([r.prompt for r in part], self.config.run.seed)
-                          for h, part in zip(self.rollouts, parts)])
+        evaluation.evaluate(self.config, self.eval_records, [h.actor for h in self.rollouts], self.rewards,
+                            self.learner.weights.remote(ema=True), self.folder, done, self.dashboard)
         ray.get([h.actor.set_weights.remote(self._weights_ref) for h in self.rollouts])
-        batch = wire.make_image_batch([r.prompt for r in records], [r.metadata for r in records],
-                                      np.concatenate(images))
-        scored, failed = ray.get(self.rewards[0].score.remote(batch))
-        stats = reward_stats(wire.concat([scored]))
-        out = {f"eval/{k}": v for k, v in stats.items()}
-        out.update({"eval/groups_failed": float(len(failed)), "time/evaluate": time.perf_counter() - start})
-        return out
+        return {"time/evaluate": time.perf_counter() - start}
 
     # ------------------------------------------------------------------ chunks and faults
 

@@ -54,10 +54,10 @@ def sample_sde(pipe, cond: PromptEmbeds, uncond: PromptEmbeds, timesteps: torch.
 
 
 @torch.no_grad()
-def sample_ode(pipe, cond: PromptEmbeds, uncond: PromptEmbeds, timesteps: torch.Tensor, sigmas: torch.Tensor, *,
-               guidance_scale: float, resolution: int, generator: torch.Generator) -> np.ndarray:
-    """The deterministic Euler ODE sampler (x + v dt) used for evaluation."""
-    x = initial_noise(pipe, len(cond), resolution, generator)
+def sample_ode(pipe, cond: PromptEmbeds, uncond: PromptEmbeds, timesteps: torch.Tensor, sigmas: torch.Tensor,
+               x: torch.Tensor, *, guidance_scale: float) -> np.ndarray:
+    """The deterministic Euler ODE sampler (x + v dt) used for evaluation, from the
+    initial noise `x`."""
     for j, t in enumerate(timesteps):
         v = guided_velocity(pipe.transformer, x, t, cond, uncond, guidance_scale).float()
         x = (x.float() + v * (sigmas[j + 1] - sigmas[j])).to(pipe.transformer.dtype)

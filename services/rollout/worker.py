@@ -12,7 +12,7 @@ import torch
 from common import wire
 from common.config import Config
 from common.denoising import encode_prompts, sigma_schedule
-from common.lora import LoraWeights, attach_lora, load_lora
+from common.lora import LoraWeights, attach_lora, load_lora, lora_state_dict
 from common.models import Precision, load_pipeline, resolve_device
 from services.rollout.sampler import initial_noise, sample_ode, sample_sde
 
@@ -47,6 +47,11 @@ class RolloutWorker:
     def busy_seconds(self) -> float:
         """Seconds spent generating since start (the controller diffs it per iteration)."""
         return self._busy_seconds
+
+    def lora_names(self) -> list[str]:
+        """The LoRA's weight names in the order of its parameters (the order in which the
+        learner's EMA keeps its shadows)."""
+        return list(lora_state_dict(self.pipe.transformer))
 
     def set_weights(self, weights: LoraWeights) -> int:
         """Load a LoRA version published by the learner (digest and binding checked)."""
@@ -94,15 +99,24 @@ class RolloutWorker:
         self._busy_seconds += time.perf_counter() - start
         return batch
 
-    def evaluate(self, prompts: Sequence[str], seed: int) -> np.ndarray:
-        """One ODE sample per prompt with `sample.eval_steps` steps (uint8 images)."""
+    def evaluate(self, prompts: Sequence[str], prompt_index: Sequence[int], metadata: Sequence[Mapping[str, Any]],
+                 seeds: Sequence[Sequence[int]]) -> pa.RecordBatch:
+        """ODE samples with `sample.eval_steps` steps: `len(seeds[i])` images of prompt i,
+        image k starting from the noise of seed `seeds[i][k]` alone (whatever else the
+        call holds), as one batch of the scorers' columns (wire.make_image_batch)."""
+        start = time.perf_counter()
         s = self.config.sample
         embeds = encode_prompts(self.pipe, list(prompts), self.config.model.max_sequence_length)
-        generator = torch.Generator(self.device).manual_seed(seed)
+        rows = torch.arange(len(prompts)).repeat_interleave(torch.tensor([len(k) for k in seeds]))
+        flat_seeds = [seed for per_prompt in seeds for seed in per_prompt]
+        noise = torch.cat([initial_noise(self.pipe, 1, s.resolution, torch.Generator(self.device).manual_seed(seed))
+                           for seed in flat_seeds])
         timesteps, sigmas = self.eval_schedule
-        images = []
-        for chunk in torch.arange(len(prompts)).split(s.batch_size):
-            images.append(sample_ode(self.pipe, embeds.select(chunk), self.negative.expand(len(chunk)),
-                                     timesteps, sigmas, guidance_scale=s.guidance_scale,
-                                     resolution=s.resolution, generator=generator))
-        return np.concatenate(images)
+        images = [sample_ode(self.pipe, embeds.select(chunk), self.negative.expand(len(chunk)), timesteps, sigmas, x,
+                             guidance_scale=s.guidance_scale)
+                  for chunk, x in zip(rows.split(s.batch_size), noise.split(s.batch_size))]
+        rows_np = rows.numpy()
+        batch = wire.make_image_batch([prompts[i] for i in rows_np], np.asarray(prompt_index)[rows_np],
+                                      [metadata[i] for i in rows_np], np.concatenate(images), flat_seeds, self.version)
+        self._busy_seconds += time.perf_counter() - start
+        return batch

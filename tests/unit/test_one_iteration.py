@@ -62,7 +62,8 @@ def test_rollout_is_deterministic_for_a_seed(workers):
 
 def test_eval_uses_the_ode_with_more_steps(workers):
     config, rollout, _, _ = workers
-    images = rollout.evaluate(["a red cat", "a blue dog"], seed=0)
+    args = (["a red cat", "a blue dog"], [0, 1], [{}, {}], [[5], [6]])
+    images = wire.tensor_column(rollout.evaluate(*args), "image")
     assert images.shape == (2, config.sample.resolution, config.sample.resolution, 3)
-    assert np.array_equal(images, rollout.evaluate(["a red cat", "a blue dog"], seed=0))
+    assert np.array_equal(images, wire.tensor_column(rollout.evaluate(*args), "image"))
     assert len(rollout.eval_schedule[0]) == config.sample.eval_steps > config.sample.train_steps
