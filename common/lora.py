@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +35,12 @@ class LoraWeights:
 def attach_lora(transformer: torch.nn.Module, config: LoraConfig) -> list[torch.nn.Parameter]:
     """Add the adapter and return its trainable parameters, in float32 (the base may be
     bf16: optimiser state and updates of a low-rank delta need the precision)."""
-    transformer.add_adapter(_peft_config(config))
+    try:
+        transformer.add_adapter(_peft_config(config))
+    except ValueError as err:  # peft: a target module that is not there, or that takes no LoRA
+        raise LoraLoadError(f"lora.target_modules: {config.target_modules} does not fit "
+                            f"{type(transformer).__name__}: {err}") from None
     params = [p for n, p in transformer.named_parameters() if "lora_" in n]
-    if not params:
-        raise LoraLoadError(f"lora.target_modules: {config.target_modules} matched no module of "
-                            f"{type(transformer).__name__}")
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
@@ -59,12 +61,7 @@ def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_lora(transformer: torch.nn.Module, version: int) -> LoraWeights:
-    return pack_lora(lora_state_dict(transformer), version)
-
-
-def pack_lora(state: dict[str, torch.Tensor], version: int) -> LoraWeights:
-    """A peft LoRA state dict as versioned safetensors bytes with their digest."""
-    state = {k: v.detach().to("cpu", copy=False).contiguous() for k, v in state.items()}
+    state = {k: v.detach().to("cpu", copy=False).contiguous() for k, v in lora_state_dict(transformer).items()}
     data = save_safetensors(state, metadata={"version": str(version)})
     return LoraWeights(version, data, hashlib.sha256(data).hexdigest())
 
@@ -108,10 +105,16 @@ def adapter_disabled(transformer):
 
 def save_diffusers_lora(weights: LoraWeights, config: LoraConfig, directory: str | Path) -> Path:
     """Write the adapter where `StableDiffusion3Pipeline.load_lora_weights(directory)` loads it;
-    the LoRA config (alpha in particular, which sets the scale) travels in its metadata."""
+    the LoRA config (alpha in particular, which sets the scale) travels in its metadata.
+    safetensors creates its file private (0600); it gets the mode of any other new file
+    (0666 less the umask), so whoever may read the run folder may read its LoRA."""
     from diffusers import StableDiffusion3Pipeline
+    from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 
     directory = Path(directory)
     StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=load_safetensors(weights.data),
                                                transformer_lora_adapter_metadata=_peft_config(config).to_dict())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory / LORA_WEIGHT_NAME_SAFE, 0o666 & ~umask)
     return directory
