@@ -61,7 +61,12 @@ def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_lora(transformer: torch.nn.Module, version: int) -> LoraWeights:
-    state = {k: v.detach().to("cpu", copy=False).contiguous() for k, v in lora_state_dict(transformer).items()}
+    return pack_lora(lora_state_dict(transformer), version)
+
+
+def pack_lora(state: dict[str, torch.Tensor], version: int) -> LoraWeights:
+    """A peft LoRA state dict as versioned safetensors bytes with their digest."""
+    state = {k: v.detach().to("cpu", copy=False).contiguous() for k, v in state.items()}
     data = save_safetensors(state, metadata={"version": str(version)})
     return LoraWeights(version, data, hashlib.sha256(data).hexdigest())
 
