@@ -178,11 +178,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(args)
         if args.command == "serve-reward":
-            from common.config import load_config
-            from services.reward.grpc_service import run_server
+            from common.config import check_scorer_name, load_config
+            from services.reward.grpc_service import PortInUseError, run_server
 
+            check_scorer_name(args.scorer, "--scorer")
             config = load_config(args.config, args.overrides)
-            run_server(args.scorer, config.reward, host=args.host, port=args.port)
+            try:
+                run_server(args.scorer, config.reward, host=args.host, port=args.port)
+            except PortInUseError as err:
+                print(f"flowgrpo: error: {err}", file=sys.stderr)
+                return 2
             return 0
     except (ConfigError, PromptFileError, LoraLoadError, FileNotFoundError) as err:
         print(f"flowgrpo: error: {err}", file=sys.stderr)

@@ -25,9 +25,8 @@ def _prompt_path(path: str) -> Path:
 def prepare(config: Config) -> Config:
     """Resolve local paths to absolute ones (actors may run elsewhere), build the tiny
     model when `model.tiny_preset` asks for one that is not there yet, and check the
-    prompt files and scorer names."""
+    prompt files (scorer names were checked when the config was loaded)."""
     from common.models import is_hub_id, make_tiny_model, tiny_model_is_current  # heavy imports here: `flowgrpo --help` stays fast
-    from services.reward.scorers import SCORERS
 
     model = config.model
     path = Path(model.path).expanduser()
@@ -54,8 +53,4 @@ def prepare(config: Config) -> Config:
     except FileNotFoundError as err:
         raise ConfigError(f"prompts: {err}") from None
     prompts = dataclasses.replace(prompts, train=str(train), eval=str(evaluation) if evaluation else None)
-
-    for name in config.reward.weights:
-        if name not in SCORERS and name not in config.reward.endpoints:
-            raise ConfigError(f"reward.weights.{name}: unknown scorer; known: {', '.join(sorted(SCORERS))}")
     return dataclasses.replace(config, model=model, prompts=prompts)

@@ -101,7 +101,7 @@ class SyncTrainer:
         self.dashboard = DashboardMetrics()
         self.dashboard.set_phase("starting")
         self.learner = cluster.start_learner(Learner, self.config)
-        needs = [scorer_needs(name, self.config.reward) for name in self.config.reward.weights]
+        needs = [scorer_needs(name, self.config.reward) for name in self.config.reward.all_scorers()]
         self.rewards = [cluster.start_reward_worker(RewardWorker, self.config, needs)
                         for _ in range(self.config.reward.num_workers)]
         self.rollouts = [cluster.start_rollout_worker(RolloutWorker, self.config, i)

@@ -6,7 +6,8 @@ A scorer maps a batch of images with their prompts and metadata to one float per
 
 Images are uint8 RGB arrays [H, W, 3] (or a [N, H, W, 3] array, or PIL images, which
 are converted to RGB). Every adapter that hands images to a library converts to the
-channel order that library expects and says so (`channel_order`), because a silent
+channel order that library expects and says which in its docstring (OCR engines
+declare it as `channel_order`, which OcrEngine.lines applies), because a silent
 RGB/BGR swap changes detector and OCR outputs without failing.
 
 `details` carry per-image JSON-able facts (the text read, GenEval's verdicts) and

@@ -80,8 +80,6 @@ class Mask2FormerDetector:
     classes, class probability x mean mask probability, as mmdet's); boxes enclose the
     masks. Input: RGB."""
 
-    channel_order = "RGB"
-
     def __init__(self, path: str, device):
         import torch
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
@@ -112,8 +110,6 @@ class Mask2FormerDetector:
 class ClipColorClassifier:
     """GenEval's zero-shot colour classifier on a transformers CLIPModel (hub id or local
     path). Input: PIL RGB crops."""
-
-    channel_order = "RGB"
 
     def __init__(self, path: str, device):
         import torch

@@ -13,12 +13,16 @@ the service does not run. A scorer error is INTERNAL with its message. Calls are
 scored one at a time (models are not assumed thread-safe).
 
 It binds 127.0.0.1 unless told otherwise; the channel has no TLS or authentication.
+The port is bound before the scorer loads and never shared: gRPC's default SO_REUSEPORT
+would let a second service bind a port that one already serves and split the calls
+between them, so it is off, and a busy port fails at once (PortInUseError).
 """
 from __future__ import annotations
 
 import json
 import logging
 import signal
+import socket
 import threading
 from concurrent import futures
 
@@ -30,6 +34,25 @@ from services.reward.rpc import MAX_MESSAGE_BYTES, channel_options, decode_png, 
 from services.reward.scorers import local_scorer
 
 logger = logging.getLogger(__name__)
+
+
+class PortInUseError(OSError):
+    """The service's address is taken (another service, or any other program)."""
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Raise PortInUseError when host:port cannot be bound (checked with a plain socket
+    first, so the user gets one line instead of gRPC's own error log)."""
+    if port == 0:
+        return
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise PortInUseError(f"serve-reward: cannot listen on {host}:{port} ({err.strerror}); another reward "
+                                 f"service may be serving there: stop it or choose another --port") from None
 
 
 def _servicer(scorer: Scorer, max_message_bytes: int):
@@ -80,16 +103,21 @@ def _servicer(scorer: Scorer, max_message_bytes: int):
 
 def serve(scorer_name: str, config: RewardConfig, host: str = "127.0.0.1", port: int = 0,
           max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
-    """Build the scorer, start a server for it on host:port (0: an ephemeral port) and
+    """Bind host:port (0: an ephemeral port), build the scorer, start serving it and
     return (server, bound port). Stop it with server.stop(grace)."""
+    _check_port_free(host, port)
+    options = channel_options(max_message_bytes) + [("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # taken between the check and here
+        bound = 0
+    if bound == 0:
+        raise PortInUseError(f"serve-reward: cannot listen on {address}; is the port in use? choose another --port")
     scorer = local_scorer(scorer_name, config)
     servicer, pb2_grpc = _servicer(scorer, max_message_bytes)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=channel_options(max_message_bytes))
     pb2_grpc.add_RewardServicer_to_server(servicer, server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
-    if bound == 0:
-        raise OSError(f"serve-reward: cannot bind {address}; is the port in use?")
     server.start()
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("reward service listens on %s without TLS or authentication: anyone who can reach it "

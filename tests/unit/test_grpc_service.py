@@ -1,11 +1,13 @@
 """The gRPC reward service on 127.0.0.1 with an ephemeral port: same scores as in
-process, INVALID_ARGUMENT for each kind of bad request, a clear error once stopped."""
+process, INVALID_ARGUMENT for each kind of bad request, a clear error once stopped, a
+busy port refused, and `flowgrpo serve-reward`'s errors as one plain line."""
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -16,7 +18,9 @@ from PIL import Image
 from common.config import RewardConfig
 from common.wire import make_rollout_batch
 from services.reward import worker as worker_module
-from services.reward.grpc_service import serve
+from services.controller import cli
+from services.reward import grpc_service
+from services.reward.grpc_service import PortInUseError, serve
 from services.reward.image_rewards import JpegCompressibility
 from services.reward.remote import RemoteScorer, RewardServiceError
 from services.reward.rpc import encode_png, generated
@@ -146,3 +150,33 @@ def test_run_server_serves_until_sigterm():
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_busy_port_is_refused_before_the_scorer_loads(service, monkeypatch):
+    monkeypatch.setattr(grpc_service, "local_scorer", lambda *a: pytest.fail("the scorer was built"))
+    with pytest.raises(PortInUseError, match=rf"cannot listen on 127.0.0.1:{service} .*choose another --port"):
+        serve(SCORER, RewardConfig(weights={SCORER: 1.0}), port=service)
+
+
+def test_a_port_shared_by_gRPC_reuseport_is_refused_too(monkeypatch):
+    """gRPC servers set SO_REUSEPORT by default, so a second one could bind a served port;
+    ours turns it off, so even past the socket check the bind fails."""
+    other = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = other.add_insecure_port("127.0.0.1:0")
+    other.start()
+    try:
+        monkeypatch.setattr(grpc_service, "_check_port_free", lambda host, port: None)
+        with pytest.raises(PortInUseError, match=rf"127.0.0.1:{port}; is the port in use"):
+            serve(SCORER, RewardConfig(weights={SCORER: 1.0}), port=port)
+    finally:
+        other.stop(grace=None)
+
+
+def test_serve_reward_errors_are_one_plain_line(service, capsys):
+    assert cli.main(["serve-reward", "--scorer", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("flowgrpo: error: --scorer: unknown scorer 'nope'; known scorers: ocr, geneval, pickscore, "
+                   "aesthetic, jpeg_compressibility, brightness\n")
+    assert cli.main(["serve-reward", "--scorer", SCORER, "--port", str(service)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"flowgrpo: error: serve-reward: cannot listen on 127.0.0.1:{service}") and err.count("\n") == 1

@@ -110,6 +110,23 @@ class Lines(OcrEngine):
 PIECES = [("Hello", 0.93), ("Wor", 0.49), ("ld", 0.5)]
 
 
+@pytest.mark.parametrize("order, pixel", [("RGB", [255, 0, 0]), ("BGR", [0, 0, 255])])
+def test_an_engine_is_handed_the_channel_order_it_declares(order, pixel):
+    seen = []
+
+    class Capture(Lines):
+        channel_order = order
+
+        def _read(self, image):
+            seen.append(image)
+            return []
+
+    red = np.zeros((4, 4, 3), np.uint8)
+    red[..., 0] = 255
+    Capture([]).lines(red)
+    assert seen[0][0, 0].tolist() == pixel
+
+
 def test_boxes_below_the_confidence_floor_are_dropped_before_joining():
     scorer = OcrScorer(RewardConfig(), engine=Lines(PIECES))
     out = scorer.score([render("x")], ['a sign "Hello World"'], [{}])
