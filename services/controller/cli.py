@@ -38,9 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="YAML config (default: the tiny CPU config)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value by its dotted YAML path, e.g. run.iterations=20 (repeatable)")
-    train.add_argument("--run-dir", type=Path, help="run folder (default: runs/<run.name>-<time>)")
+    train.add_argument("--run-dir", type=Path, help="run folder, new or empty (default: runs/<run.name>-<time>)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete the earlier run in --run-dir and start a new one there")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                       help="continue the run in RUN_DIR from its last checkpoint (its config.yaml is used)")
+                       help="continue the run in RUN_DIR from its last checkpoint, with its config.yaml and any "
+                            "--set changes (recorded in RUN_DIR/resumes.jsonl)")
     train.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local cluster)")
 
     tiny = sub.add_parser("make-tiny-model", help="build the offline tiny SD3.5-architecture model",
@@ -93,26 +96,61 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args) -> int:
     from common.config import load_config
+    from services.controller import run_folder
     from services.controller.preflight import prepare
-    from services.controller.job import train
 
     if args.resume:
-        config_path = args.resume / "config.yaml"
+        for flag, given in (("--config", args.config), ("--run-dir", args.run_dir), ("--overwrite", args.overwrite)):
+            if given:
+                raise run_folder.RunFolderError(f"{flag}: not with --resume, which continues the run in its own "
+                                                f"folder with its config.yaml (change values with --set)")
         run_dir = args.resume
+        done = run_folder.resume_point(run_dir)
+        config = load_config(run_dir / "config.yaml", args.overrides)
+        total = config.run.iterations
+        if done >= total:
+            print(f"flowgrpo: {run_dir} is already complete ({done} of run.iterations={total} iterations done); "
+                  f"to train on, raise it: --resume {run_dir} --set run.iterations={2 * done}", file=sys.stderr)
+            return 0
+        changes = run_folder.config_changes(run_dir, config)
+        print(f"flowgrpo: resuming {run_dir} from iteration {done} of {total}"
+              + "".join(f"; {key}: {old} -> {new}" for key, (old, new) in changes.items()), file=sys.stderr)
+        config = prepare(config)
     else:
-        config_path = args.config or DEFAULT_CONFIG
-        run_dir = None
-    config = load_config(config_path, args.overrides)
-    if run_dir is None:
+        config = load_config(args.config or DEFAULT_CONFIG, args.overrides)
         run_dir = args.run_dir or Path("runs") / f"{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    config = prepare(config)
-    print(f"flowgrpo: run folder {run_dir}", file=sys.stderr)
-    history = train(config, run_dir, resume=args.resume is not None, address=args.address)
+        replace = run_folder.check_new_run_dir(run_dir, args.overwrite)
+        config = prepare(config)
+        if replace:
+            print(f"flowgrpo: --overwrite: deleting the earlier run in {run_dir}", file=sys.stderr)
+            run_folder.remove_run(run_dir)
+        print(f"flowgrpo: run folder {run_dir}", file=sys.stderr)
+    from services.controller.job import train
+
+    try:
+        history = train(config, run_dir, resume=args.resume is not None, address=args.address)
+    except KeyboardInterrupt:
+        print(f"flowgrpo: interrupted; {_how_to_continue(run_dir)}", file=sys.stderr)
+        return 130
     if history:
         first, last = history[0]["reward_mean"], history[-1]["reward_mean"]
         print(f"flowgrpo: reward mean {first:.4f} -> {last:.4f} over {len(history)} iterations; curve in "
               f"{Path(run_dir) / 'reward_curve.png'}, LoRA in {Path(run_dir) / 'lora'}", file=sys.stderr)
     return 0
+
+
+def _how_to_continue(run_dir: Path) -> str:
+    """What an interrupted run left behind, and the command that carries on from there."""
+    from services.controller import run_folder
+
+    if not run_dir.exists():
+        return f"it stopped before its first iteration and left nothing in {run_dir}"
+    try:
+        done = run_folder.resume_point(run_dir)
+    except run_folder.RunFolderError:
+        return (f"{run_dir} has no checkpoint yet, so it cannot be resumed; start again with "
+                f"`flowgrpo train --run-dir {run_dir} --overwrite`")
+    return f"continue from iteration {done} with `flowgrpo train --resume {run_dir}`"
 
 
 def _eval(args) -> int:
@@ -163,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.config import ConfigError
     from common.lora import LoraLoadError
     from common.prompts import PromptFileError
+    from services.controller.run_folder import RunFolderError
 
     try:
         if args.command == "train":
@@ -189,9 +228,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"flowgrpo: error: {err}", file=sys.stderr)
                 return 2
             return 0
-    except (ConfigError, PromptFileError, LoraLoadError, FileNotFoundError) as err:
+    except (ConfigError, PromptFileError, LoraLoadError, RunFolderError, FileNotFoundError) as err:
         print(f"flowgrpo: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("flowgrpo: interrupted", file=sys.stderr)
+        return 130
     return 1
 
 

@@ -1,7 +1,8 @@
 """The run folder: everything a training run leaves behind, in one directory.
 
     RUN_DIR/
-      config.yaml                 the validated config the run started with
+      config.yaml                 the validated config (a resume with --set rewrites it)
+      resumes.jsonl               one line per resume: {"time", "iteration", "changed": {key: [old, new]}}
       metrics.jsonl               one JSON object a line: {"iteration": i, ...metrics}; NaN/inf -> null
       tensorboard/                the same numbers as TensorBoard scalars (`tensorboard --logdir RUN_DIR`)
       reward_curve.png            reward mean +- std per reward name against the iteration
@@ -23,6 +24,9 @@ logged twice (TensorBoard's events after that iteration are purged as well). A P
 is readable only once closed (its footer is written last): a part left open by a killed
 process is renamed `_part-N.parquet.incomplete` when the next writer starts, so the
 directory stays readable. One process writes to a run folder at a time.
+
+`flowgrpo train` never writes into an earlier run by accident: `check_new_run_dir` refuses
+one unless told to overwrite it, and `resume_point` says where `--resume` continues.
 """
 from __future__ import annotations
 
@@ -30,22 +34,115 @@ import json
 import math
 import os
 import re
+import shutil
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
+from matplotlib import font_manager
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from common.config import Config, dump_config
+from common.config import Config, dump_config, to_dict
 from common.prompts import GENEVAL_TAGS
 from common.wire import for_log
 
 _REWARD_MEAN = re.compile(r"^reward/(.+)/mean$")
 _CHECKPOINT = re.compile(r"^iter_(\d+)$")
 _PART = re.compile(r"^_?part-(\d+)\.parquet")
+CAPTION_LINES = 3  # a sample's caption is wrapped onto at most this many lines under it
+
+
+class RunFolderError(ValueError):
+    """A folder cannot serve as asked: an earlier run where a new one was asked for, or
+    no run where --resume was given. The message names the flag and the way out."""
+
+
+def is_run(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a run of `flowgrpo train`: a config.yaml with a `run` section."""
+    config = Path(path) / "config.yaml"
+    try:
+        data = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("run"), dict)
+
+
+def check_new_run_dir(path: str | os.PathLike, overwrite: bool) -> bool:
+    """Check that a new run may write into `path` (missing or empty, or a run to
+    overwrite); returns whether an earlier run is there, which the caller deletes with
+    `remove_run` once the new run is ready to start. A folder that is not empty and holds
+    no run is never deleted."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        raise RunFolderError(f"--run-dir {path}: is a file; give a folder")
+    if not any(path.iterdir()):
+        return False
+    if not is_run(path):
+        raise RunFolderError(f"--run-dir {path}: the folder is not empty and holds no run; give a new or empty folder")
+    if not overwrite:
+        raise RunFolderError(f"--run-dir {path}: holds a run already; continue it with `flowgrpo train --resume "
+                             f"{path}`, or replace it with --overwrite")
+    return True
+
+
+def remove_run(path: str | os.PathLike) -> None:
+    """Delete an earlier run (only a folder `is_run` recognises)."""
+    if not is_run(path):
+        raise RunFolderError(f"{path}: holds no run; not deleting it")
+    shutil.rmtree(path)
+
+
+def latest_checkpoint(path: str | os.PathLike) -> Path | None:
+    root = Path(path) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def resume_point(path: str | os.PathLike) -> int:
+    """The iteration a resumed run starts from: that of its latest checkpoint (the
+    number of iterations done). Raises RunFolderError naming --resume when `path` is no
+    run or has no checkpoint yet."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunFolderError(f"--resume {path}: no such folder; give the folder of an earlier run")
+    if not is_run(path):
+        raise RunFolderError(f"--resume {path}: not a run folder (no config.yaml written by flowgrpo train); "
+                             f"start a new run there with --run-dir {path}")
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is None:
+        raise RunFolderError(f"--resume {path}: the run has no checkpoint yet (see run.checkpoint_every in its "
+                             f"config.yaml); start it again with --run-dir {path} --overwrite")
+    return int(_CHECKPOINT.match(checkpoint.name).group(1))
+
+
+def config_changes(path: str | os.PathLike, config: Config) -> dict[str, list]:
+    """{dotted key: [value in the run's config.yaml, value in `config`]} for every value
+    that differs."""
+    old = _flatten(yaml.safe_load((Path(path) / "config.yaml").read_text()) or {})
+    new = _flatten(to_dict(config))
+    return {key: [old.get(key), new.get(key)] for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)}
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings become dotted keys: {"run": {"iterations": 60}} -> {"run.iterations": 60}."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 
 
 def reward_summary(rewards: Mapping[str, Sequence[float]]) -> dict[str, float]:
@@ -84,6 +181,18 @@ class RunFolder:
         path = self.path / "config.yaml"
         dump_config(config, path)
         return path
+
+    def record_resume(self, config: Config, iteration: int) -> dict[str, list]:
+        """A resumed run's config becomes config.yaml, and resumes.jsonl gets a line saying
+        when, from which iteration and what changed ({dotted key: [old, new]}); returns
+        the changes."""
+        changed = config_changes(self.path, config)
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "iteration": int(iteration), "changed": changed}
+        with open(self.path / "resumes.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+        if changed:
+            self.write_config(config)
+        return changed
 
     def log_metrics(self, iteration: int, metrics: Mapping[str, Any]) -> None:
         """Append one line to metrics.jsonl. Non-finite numbers become null (JSON has no
@@ -168,7 +277,7 @@ class RunFolder:
     def save_sample_grid(self, iteration: int, images: np.ndarray, captions: Sequence[str],
                          rewards: Sequence[float], subdir: str = "samples", label: str = "reward") -> Path:
         """samples/iter_XXXXXX.png: the images in a near-square grid, under each its reward
-        and as much of its caption as fits."""
+        and its caption, wrapped at spaces onto up to CAPTION_LINES lines."""
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"save_sample_grid: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
@@ -176,9 +285,9 @@ class RunFolder:
         if len(captions) != n or len(rewards) != n:
             raise ValueError(f"save_sample_grid: {n} images need {n} captions and rewards, "
                              f"got {len(captions)} and {len(rewards)}")
-        font = ImageFont.load_default()
+        font = _caption_font()
         line_height = font.getbbox("Ag")[3] + 3
-        cell_width, cell_height = max(width, 160), height + 2 * line_height + 6
+        cell_width, cell_height = max(width, 160), height + (1 + CAPTION_LINES) * line_height + 6
         cols = math.ceil(math.sqrt(n))
         rows = math.ceil(n / cols)
         grid = Image.new("RGB", (cols * cell_width, rows * cell_height), "white")
@@ -187,8 +296,8 @@ class RunFolder:
             x, y = (i % cols) * cell_width, (i // cols) * cell_height
             grid.paste(Image.fromarray(images[i]), (x + (cell_width - width) // 2, y))
             draw.text((x + 3, y + height + 2), f"{label} {float(rewards[i]):.4g}", fill="black", font=font)
-            draw.text((x + 3, y + height + 2 + line_height), _fit(draw, captions[i], font, cell_width - 6),
-                      fill="dimgray", font=font)
+            for k, line in enumerate(_wrap(draw, captions[i], font, cell_width - 6, CAPTION_LINES), start=1):
+                draw.text((x + 3, y + height + 2 + k * line_height), line, fill="dimgray", font=font)
         path = self.path / subdir / f"iter_{iteration:06d}.png"
         path.parent.mkdir(exist_ok=True)
         grid.save(path)
@@ -283,11 +392,7 @@ class RunFolder:
         return path
 
     def latest_checkpoint(self) -> Path | None:
-        root = self.path / "checkpoints"
-        if not root.is_dir():
-            return None
-        found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
-        return max(found)[1] if found else None
+        return latest_checkpoint(self.path)
 
     @property
     def lora_dir(self) -> Path:
@@ -310,12 +415,34 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
-    if draw.textlength(text, font=font) <= width:
+def _caption_font() -> ImageFont.FreeTypeFont:
+    """DejaVu Sans (shipped with matplotlib) at 11 px: Pillow's default font at its default
+    10 px hints a space to nothing, so captions read "twoapplesand a banana"."""
+    return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 11)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int, max_lines: int) -> list[str]:
+    """`text` broken at spaces into lines no wider than `width` (a word wider than a line
+    is cut); when it needs more than `max_lines` lines, the last one shown ends in "..."."""
+    lines: list[str] = []
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and draw.textlength(candidate, font=font) <= width:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    cut = len(lines) > max_lines
+    lines = lines[:max_lines]
+    return [_ellipsize(draw, line, font, width, force=cut and k == len(lines) - 1) for k, line in enumerate(lines)]
+
+
+def _ellipsize(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int, force: bool = False) -> str:
+    """`text` when it fits in `width` (and not `force`), else its longest head that fits with "..." after it."""
+    if not force and draw.textlength(text, font=font) <= width:
         return text
     while text and draw.textlength(text + "...", font=font) > width:
         text = text[:-1]
-    return text + "..."
+    return text.rstrip() + "..."
 
 
 def _has_parquet_footer(path: Path) -> bool:

@@ -156,3 +156,48 @@ def test_checkpoint_dirs_and_lora_dir(tmp_path):
     assert (tmp_path / "checkpoints" / "iter_000050").is_dir()
     assert run.latest_checkpoint() == tmp_path / "checkpoints" / "iter_000100"
     assert run.lora_dir == tmp_path / "lora" and run.lora_dir.is_dir()
+
+
+def _ink_gaps(strip: np.ndarray) -> list[int]:
+    """Widths of the blank column runs between the first and the last inked column."""
+    ink = (strip.min(axis=2) < 200).any(axis=0)
+    columns = np.flatnonzero(ink)
+    runs, width = [], 0
+    for blank in ~ink[columns[0]:columns[-1] + 1]:
+        if blank:
+            width += 1
+        elif width:
+            runs.append(width)
+            width = 0
+    return runs
+
+
+def test_sample_grid_captions_keep_their_spaces(tmp_path):
+    from services.controller.run_folder import CAPTION_LINES, _caption_font
+
+    images = np.zeros((1, 32, 32, 3), dtype=np.uint8)
+    path = RunFolder(tmp_path).save_sample_grid(0, images, ["two apples and a banana"], [0.5])
+    with Image.open(path) as grid:
+        grid = np.asarray(grid.convert("RGB"))
+    line_height = _caption_font().getbbox("Ag")[3] + 3
+    assert grid.shape[0] == 32 + (1 + CAPTION_LINES) * line_height + 6
+    caption = grid[32 + 2 + line_height:32 + 2 + 2 * line_height]
+    # four word gaps, each wider than any gap between two letters of a word
+    assert sum(gap >= 4 for gap in _ink_gaps(caption)) == 4
+
+
+def test_captions_wrap_at_spaces_and_a_long_one_ends_in_an_ellipsis():
+    from PIL import ImageDraw
+
+    from services.controller.run_folder import _caption_font, _wrap
+
+    font, draw = _caption_font(), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text = "a photo of a purple suitcase right of a green fire hydrant"
+    lines = _wrap(draw, text, font, 154, 3)
+    assert len(lines) >= 2 and " ".join(lines) == text
+    assert all(draw.textlength(line, font=font) <= 154 for line in lines)
+    long = " ".join([text] * 3)
+    lines = _wrap(draw, long, font, 154, 3)
+    assert len(lines) == 3 and lines[-1].endswith("...")
+    assert long.startswith(" ".join(lines).removesuffix("..."))
+    assert _wrap(draw, "x" * 200, font, 154, 3)[0].endswith("...")  # a word longer than a line is cut
