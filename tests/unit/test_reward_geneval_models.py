@@ -83,6 +83,22 @@ def test_reward_can_be_the_benchmark_verdict(model_dirs, images):
     assert out.scores.tolist() == [1.0, 0.0]
 
 
+POSITION = {"tag": "position", "include": [{"class": "laptop", "count": 1},
+                                            {"class": "cow", "count": 1, "position": ["right of", 0]}]}
+
+
+@pytest.mark.parametrize("failed_relation, score", [("paper", 0.75), ("once", 2 / 3)])
+def test_a_wrong_relation_scores_as_configured(model_dirs, images, monkeypatch, failed_relation, score):
+    scorer = GenevalScorer(config(model_dirs, failed_relation=failed_relation))
+    cow_left_of_laptop = {"laptop": [Detection(box=(40, 0, 50, 10), score=0.9)],
+                          "cow": [Detection(box=(0, 0, 10, 10), score=0.9)]}
+    monkeypatch.setattr(scorer.detector, "detect", lambda batch: [cow_left_of_laptop for _ in batch])
+    out = scorer.score(images[:1], ["a photo of a cow right of a laptop"], [POSITION])
+    assert out.scores[0] == pytest.approx(score)
+    assert {k: out.details[0][k] for k in ("tag", "correct", "strict")} == {
+        "tag": "position", "correct": False, "strict": False}
+
+
 def test_bad_metadata_gives_nan_for_that_image_only(scorer, images):
     out = scorer.score(images[:2], ["x", "a photo of a bowl"], [{"tag": "single_object"}, BOWL])
     assert np.isnan(out.scores[0]) and "include" in out.details[0]["error"]
