@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 CONFIGS = sorted((DEPLOY / "configs").glob("*.yaml"))
 PAPER_BETA = {"geneval": 0.04, "ocr": 0.04, "pickscore": 0.01}
+PAPER_EVAL_IMAGES = {"geneval": 4, "ocr": 1, "pickscore": 1}  # images per distinct test prompt
 PROMPTS = {  # task: (train, eval, format)
     "geneval": ("geneval/train_metadata.jsonl", "geneval/test_metadata.jsonl", "geneval"),
     "ocr": ("ocr/train.txt", "ocr/test.txt", "ocr"),
@@ -50,6 +51,8 @@ def test_sd35_configs_carry_the_papers_settings(task):
     assert (c.prompts.train, c.prompts.eval, c.prompts.format) == PROMPTS[task]
     assert c.rollout.num_gpus == 1 and c.rollout.num_workers >= 1 and c.learner.num_gpus == 1
     assert c.run.mode == "sync"
+    # the paper's evaluation: the whole test split, GenEval's 553 prompts x 4 images, OCR's and PickScore's x 1
+    assert (c.run.eval_every, c.run.eval_prompts, c.run.eval_images_per_prompt) == (60, 0, PAPER_EVAL_IMAGES[task])
 
 
 # ---------------------------------------------------------------- Grafana
