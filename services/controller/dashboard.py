@@ -18,9 +18,8 @@ panel on `flowgrpo_phase == 1` shows the phase by name, and a new phase needs no
 Ray 2.60 exports a gauge value once after each `set` and its agent forgets a series not
 set again within two report intervals (2 x RAY_metrics_report_interval_ms, 20 s by default;
 at least 2 s). A training iteration takes minutes, so a background thread sets every last
-value again each `refresh_s` seconds; a series stops (ages out) when it is removed, as
-`remove_worker` does for a worker that left. Gauges report only from a connected Ray driver
-or worker (`ray.init()` first).
+value again each `refresh_s` seconds, until `close()`. Gauges report only from a connected
+Ray driver or worker (`ray.init()` first).
 """
 from __future__ import annotations
 
@@ -67,11 +66,6 @@ class DashboardMetrics:
 
     def set_worker_version(self, worker: str, version: int) -> None:
         self._set("worker_version", version, worker)
-
-    def remove_worker(self, worker: str) -> None:
-        """Stop exporting a worker's policy version (the worker was removed or replaced)."""
-        with self._lock:
-            self._values.pop(("worker_version", worker), None)
 
     def set_images_per_second(self, value: float) -> None:
         self._set("images_per_second", value)

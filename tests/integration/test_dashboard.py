@@ -64,10 +64,11 @@ def test_gauges_are_exported_with_their_tags_and_kept_alive(metrics_port):
     }
     assert _wait_for(metrics_port, expected) == expected
 
-    # Ray's agent drops a series not set again within 2 report intervals (2 s here); the
-    # refresh thread keeps the others alive while a removed worker's series ages out.
-    dashboard.remove_worker("rollout-1")
+    # Ray's agent drops a series not set again within 2 report intervals (2 s here): the
+    # refresh thread keeps every series alive while nothing is set, and once it is closed
+    # they age out.
     time.sleep(3.5)
-    expected[("flowgrpo_policy_version", "rollout-1")] = None
     assert _wait_for(metrics_port, expected, seconds=5) == expected
     dashboard.close()
+    gone = {key: None for key in expected}
+    assert _wait_for(metrics_port, gone, seconds=10) == gone
