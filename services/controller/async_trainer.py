@@ -22,8 +22,7 @@ class AsyncTrainer(SyncTrainer):
         self._ahead = self.launch(it + 1) if it + 1 < self.config.run.iterations else None
         return scored
 
-    def stream_state_at(self, iteration: int) -> dict:
-        """The next iteration's prompts are already drawn: a resumed run draws them again."""
-        if self._ahead is not None and self._ahead.iteration == iteration:
-            return self._ahead.stream_state
-        return super().stream_state_at(iteration)
+    def next_stream_state(self) -> dict:
+        """The next iteration's prompts are already drawn (it was launched ahead): a resumed
+        run draws them again."""
+        return self._ahead.stream_state if self._ahead is not None else super().next_stream_state()

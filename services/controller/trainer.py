@@ -382,12 +382,12 @@ class SyncTrainer:
         (LoRA, optimizer, EMA, RNG, version) and the prompt stream's position."""
         directory = self.folder.checkpoint_dir(done)
         torch.save(ray.get(self.learner.state_dict.remote()), directory / LEARNER_STATE)
-        state = {"iteration": done, "stream": self.stream_state_at(done)}
+        state = {"iteration": done, "stream": self.next_stream_state()}
         (directory / CONTROLLER_STATE).write_text(json.dumps(state))
         return directory
 
-    def stream_state_at(self, iteration: int) -> dict:
-        """The prompt stream's position before iteration `iteration` draws its prompts."""
+    def next_stream_state(self) -> dict:
+        """The prompt stream's position before the next iteration draws its prompts."""
         return self.stream.state()
 
     def _restore(self) -> None:
