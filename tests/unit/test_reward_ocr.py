@@ -7,7 +7,6 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from common.config import OcrConfig, RewardConfig
-from common.prompts import extract_ocr_target
 from services.reward import ocr
 from services.reward.ocr import OcrEngine, OcrEngineError, OcrScorer, PaddleOcrEngine, TesseractEngine, ocr_reward
 
@@ -41,8 +40,7 @@ def test_empty_target_is_an_error():
         ocr_reward("abc", "  ")
 
 
-def test_extract_target_is_the_prompt_loaders_rule():
-    assert ocr.extract_target is extract_ocr_target
+def test_the_target_is_the_first_quoted_text():
     assert ocr.extract_target('A sign "Open Late" and "Closed"') == "Open Late"
 
 

@@ -8,7 +8,7 @@ import pytest
 from common.config import ConfigError, GenevalConfig, OcrConfig, RewardConfig, load_config
 from common.wire import details_column, make_rollout_batch
 from services.reward import worker as worker_module
-from services.reward.base import ScoreOutput, Scorer
+from services.reward.base import ScoreOutput, Scorer, ScorerNeeds
 from services.reward.image_rewards import Brightness, JpegCompressibility
 from services.reward.scorers import SCORERS, build_scorer, scorer_needs
 from services.reward.worker import GroupFailure, RewardWorker
@@ -87,7 +87,6 @@ def test_scorers(monkeypatch):
 def test_weights_combine_as_configured():
     batch = rollout_batch()
     worker = RewardWorker(RewardConfig(weights={"brightness": 2.0, "jpeg_compressibility": 0.5}))
-    assert worker.ready()
     scored, failures = worker.score(batch)
     assert failures == [] and scored.num_rows == batch.num_rows
     images = list(np.asarray(batch.column("image").to_numpy_ndarray()))
@@ -293,6 +292,8 @@ def test_evaluation_scorers_may_be_remote_and_count_in_the_workers_needs():
 
 
 def test_remote_scorers_skip_local_engine_checks():
-    config = load_config(None, ["reward.weights={ocr: 1.0}", "prompts.format=ocr", "reward.ocr.use_gpu=true",
-                                "reward.endpoints={ocr: 'grpc://127.0.0.1:5000'}"])
-    assert config.reward.endpoints == {"ocr": "grpc://127.0.0.1:5000"}
+    local = ["reward.weights={ocr: 1.0}", "prompts.format=ocr", "reward.ocr.use_gpu=true"]
+    with pytest.raises(ConfigError, match="reward.ocr.use_gpu: needs reward.num_gpus > 0"):
+        load_config(None, local)
+    config = load_config(None, local + ["reward.endpoints={ocr: 'grpc://127.0.0.1:5000'}"])
+    assert scorer_needs("ocr", config.reward) == ScorerNeeds(num_gpus=0.0, num_cpus=1.0, pip=[])  # the service's GPU
