@@ -7,10 +7,13 @@
       tensorboard/                the same numbers as TensorBoard scalars (`tensorboard --logdir RUN_DIR`)
       reward_curve.png            reward mean +- std per reward name against the iteration
       samples/iter_000010.png     sample grids, the reward under each image
-      rollouts/part-00000.parquet the rollout log (wire schema without latents and images),
-      rollouts/part-00001.parquet   one part per process that wrote to the run (a resumed run
-                                    starts a new part); read all with pyarrow.parquet.read_table(RUN_DIR / "rollouts")
-      checkpoints/iter_000050/    one directory per checkpoint, filled by the learner and controller
+      rollouts/iter_000012.parquet  the rollout log, one closed file per iteration: the wire schema
+                                    without latents and images, plus `iteration` and `group` (the
+                                    group's key, its prompt draw `prompt_index`); read all with
+                                    pyarrow.parquet.read_table(RUN_DIR / "rollouts"), pandas.read_parquet
+                                    or DuckDB's read_parquet('RUN_DIR/rollouts/*.parquet')
+      checkpoints/iter_000050/    one directory per complete checkpoint (learner.safetensors,
+                                    learner.json, controller.json and the COMPLETE mark written last)
       lora/                       the final LoRA adapter
       eval/iter_000010.json       an evaluation (services/controller/evaluation.py): its metrics, one flat object;
       eval/iter_000010.parquet      a row per image (prompt, seed, scores, the scorers' verdicts; no image);
@@ -20,10 +23,13 @@
 Reward metrics follow one naming rule so the plot can find them: `reward/<name>/mean` and
 `reward/<name>/std` (`reward_summary` builds them). A resumed run opens the same folder and
 calls `truncate_after(checkpoint iteration)`, so the metrics of iterations it repeats are not
-logged twice (TensorBoard's events after that iteration are purged as well). A Parquet part
-is readable only once closed (its footer is written last): a part left open by a killed
-process is renamed `_part-N.parquet.incomplete` when the next writer starts, so the
-directory stays readable. One process writes to a run folder at a time.
+logged twice (TensorBoard's events after that iteration are purged as well, and so are the
+rollout files of later iterations). One process writes to a run folder at a time.
+
+A crash loses at most what was being written: a Parquet file is readable only once closed
+(its footer comes last) and a checkpoint only once whole, so both are written under a
+hidden temporary name (".iter_...") that readers skip, and renamed when complete; a
+checkpoint folder without its COMPLETE mark is ignored, and says so.
 
 `flowgrpo train` never writes into an earlier run by accident: `check_new_run_dir` refuses
 one unless told to overwrite it, and `resume_point` says where `--resume` continues.
@@ -35,6 +41,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -53,7 +60,8 @@ from common.wire import for_log
 
 _REWARD_MEAN = re.compile(r"^reward/(.+)/mean$")
 _CHECKPOINT = re.compile(r"^iter_(\d+)$")
-_PART = re.compile(r"^_?part-(\d+)\.parquet")
+_ROLLOUTS = re.compile(r"^iter_(\d+)\.parquet$")
+COMPLETE = "COMPLETE"  # a checkpoint's completion mark, written last
 CAPTION_LINES = 3  # a sample's caption is wrapped onto at most this many lines under it
 
 
@@ -100,11 +108,19 @@ def remove_run(path: str | os.PathLike) -> None:
 
 
 def latest_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder (one with its COMPLETE mark); a folder
+    without the mark (its writer was stopped before finishing) is skipped, with a line
+    on stderr saying so."""
     root = Path(path) / "checkpoints"
     if not root.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
-    return max(found)[1] if found else None
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name)))
+    for _, directory in reversed(found):
+        if (directory / COMPLETE).is_file():
+            return directory
+        print(f"flowgrpo: {directory} is incomplete (no {COMPLETE} mark: its writer stopped before finishing); "
+              "ignored", file=sys.stderr)
+    return None
 
 
 def resume_point(path: str | os.PathLike) -> int:
@@ -143,8 +159,6 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-
-
 def reward_summary(rewards: Mapping[str, Sequence[float]]) -> dict[str, float]:
     """`reward/<name>/mean` and `reward/<name>/std` (population std) for each reward name."""
     summary = {}
@@ -164,10 +178,11 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
         self.rollouts_dir = self.path / "rollouts"
-        self._writer: pq.ParquetWriter | None = None
         self._tensorboard = None  # a SummaryWriter, opened with the first metrics line
         self._purge_step: int | None = None
         self._drop_torn_metrics_line()
+        for tmp in self.rollouts_dir.glob(".iter_*.tmp"):  # left by a killed writer; readers never saw it
+            tmp.unlink()
 
     def __enter__(self) -> "RunFolder":
         return self
@@ -227,9 +242,12 @@ class RunFolder:
         return rows
 
     def truncate_after(self, iteration: int) -> None:
-        """Drop the metrics of iterations after `iteration`: a run resumed from the
-        checkpoint of `iteration` logs them again."""
+        """Drop the metrics and rollout files of iterations after `iteration`: a run
+        resumed from the checkpoint of `iteration` logs them again."""
         self._purge_step = iteration + 1
+        for path in self.rollouts_dir.glob("iter_*.parquet"):
+            if (m := _ROLLOUTS.match(path.name)) and int(m.group(1)) > iteration:
+                path.unlink()
         kept = [row for row in self.read_metrics() if row["iteration"] <= iteration]
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
@@ -352,44 +370,52 @@ class RunFolder:
 
     # ------------------------------------------------------------ rollout log
 
-    def append_rollouts(self, table: pa.Table | pa.RecordBatch) -> None:
-        """Append rollouts to this process's Parquet part (latents and images are dropped
-        here). The first table fixes the part's schema; a later table must match it."""
+    def write_rollouts(self, iteration: int, table: pa.Table | pa.RecordBatch) -> Path:
+        """rollouts/iter_XXXXXX.parquet: the iteration's rows without latents and images,
+        with `iteration` and `group` (= prompt_index, the group's key) columns. Written
+        under a hidden name and renamed once closed, so a reader never meets a file without
+        its footer; writing an iteration again replaces its file."""
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
         table = for_log(table)
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self._new_part_path(), table.schema)
-        elif not table.schema.equals(self._writer.schema, check_metadata=False):
-            raise ValueError(f"append_rollouts: the table's schema differs from the log's (fixed by the first "
-                             f"table).\nlog:   {self._writer.schema}\ntable: {table.schema}")
-        self._writer.write_table(table)
-
-    def _new_part_path(self) -> Path:
+        table = table.append_column("iteration", pa.array(np.full(table.num_rows, iteration, dtype=np.int64)))
+        table = table.append_column("group", table.column("prompt_index"))
         self.rollouts_dir.mkdir(exist_ok=True)
-        numbers = [-1]
-        for part in self.rollouts_dir.iterdir():
-            if m := _PART.match(part.name):
-                numbers.append(int(m.group(1)))
-                if part.name.endswith(".parquet") and not part.name.startswith("_") and not _has_parquet_footer(part):
-                    part.rename(part.with_name(f"_{part.name}.incomplete"))  # pyarrow skips names starting with _
-        return self.rollouts_dir / f"part-{max(numbers) + 1:05d}.parquet"
+        path = self.rollouts_dir / f"iter_{iteration:06d}.parquet"
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(table, tmp)
+        _replace_durably(tmp, path)
+        return path
 
     def close(self) -> None:
-        """Finish the Parquet part (its footer: the part is unreadable before) and the TensorBoard log."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        """Finish the TensorBoard log."""
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
 
     # ------------------------------------------------------------ checkpoints and LoRA
 
-    def checkpoint_dir(self, iteration: int) -> Path:
-        path = self.path / "checkpoints" / f"iter_{iteration:06d}"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    def write_checkpoint(self, iteration: int, files: Mapping[str, bytes]) -> Path:
+        """checkpoints/iter_XXXXXX/ holding `files` ({name: content}) and the COMPLETE mark:
+        filled under a hidden name, synced, marked, then renamed into place, so the
+        folder either is complete or is not there. An earlier checkpoint of the same
+        iteration (a redone iteration) is replaced."""
+        root = self.path / "checkpoints"
+        final = root / f"iter_{iteration:06d}"
+        tmp, old = root / f".{final.name}.tmp", root / f".{final.name}.old"
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, content in {**files, COMPLETE: json.dumps({"iteration": iteration, "files": sorted(files)})}.items():
+            with open(tmp / name, "wb") as f:
+                f.write(content.encode() if isinstance(content, str) else content)
+                f.flush()
+                os.fsync(f.fileno())
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
 
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.path)
@@ -445,10 +471,9 @@ def _ellipsize(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int, forc
     return text.rstrip() + "..."
 
 
-def _has_parquet_footer(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() < 12:
-            return False
-        f.seek(-4, os.SEEK_END)
-        return f.read(4) == b"PAR1"
+def _replace_durably(tmp: Path, path: Path) -> None:
+    """Sync `tmp` to disk, then rename it to `path` (atomic: a reader sees the old file or
+    the whole new one)."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import ray
-import torch
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 from tqdm import tqdm
 
@@ -38,7 +37,7 @@ from services.rollout.worker import RolloutWorker
 
 CHUNK_RETRIES = 3
 CONTROLLER_STATE = "controller.json"
-LEARNER_STATE = "learner.pt"
+LEARNER_TENSORS, LEARNER_META = "learner.safetensors", "learner.json"  # no pickle: learner/state.py
 
 
 @dataclass
@@ -369,7 +368,7 @@ class SyncTrainer:
         self.dashboard.set_reward_means({k.split("/")[1]: v for k, v in metrics.items()
                                          if k.startswith("reward/") and k.endswith("/mean")})
         self.folder.log_metrics(it, metrics)
-        self.folder.append_rollouts(data)
+        self.folder.write_rollouts(it, data)
         self.folder.plot_rewards()
         every = self.config.run.sample_images_every
         if every and (it % every == 0 or it + 1 == self.config.run.iterations):  # the first, every N-th and the last
@@ -380,11 +379,10 @@ class SyncTrainer:
     def checkpoint(self, done: int) -> Path:
         """Everything a resumed run needs to give the same next iteration: learner state
         (LoRA, optimizer, EMA, RNG, version) and the prompt stream's position."""
-        directory = self.folder.checkpoint_dir(done)
-        torch.save(ray.get(self.learner.state_dict.remote()), directory / LEARNER_STATE)
+        tensors, meta = ray.get(self.learner.state_dict.remote())
         state = {"iteration": done, "stream": self.next_stream_state()}
-        (directory / CONTROLLER_STATE).write_text(json.dumps(state))
-        return directory
+        return self.folder.write_checkpoint(done, {LEARNER_TENSORS: tensors, LEARNER_META: json.dumps(meta),
+                                                   CONTROLLER_STATE: json.dumps(state)})
 
     def next_stream_state(self) -> dict:
         """The prompt stream's position before the next iteration draws its prompts."""
@@ -395,7 +393,8 @@ class SyncTrainer:
         if directory is None:
             raise FileNotFoundError(f"--resume {self.folder.path}: no checkpoint in {self.folder.path / 'checkpoints'}")
         state = json.loads((directory / CONTROLLER_STATE).read_text())
-        ray.get(self.learner.load_state_dict.remote(torch.load(directory / LEARNER_STATE, weights_only=False)))
+        ray.get(self.learner.load_state_dict.remote((directory / LEARNER_TENSORS).read_bytes(),
+                                                    json.loads((directory / LEARNER_META).read_text())))
         self.stream.restore(state["stream"])
         self.start_iteration = state["iteration"]
         self.folder.truncate_after(self.start_iteration - 1)

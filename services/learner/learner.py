@@ -30,6 +30,7 @@ from common.grpo import clipped_policy_loss
 from common.lora import LoraWeights, adapter_disabled, attach_lora, export_lora, lora_state_dict
 from common.models import Precision, load_pipeline, resolve_device
 from common.sde import kl_to_reference, sde_step_with_logprob
+from services.learner import state as learner_state
 from services.learner.ema import LoraEma
 
 
@@ -158,16 +159,19 @@ class Learner:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict:
-        return {
+    def state_dict(self) -> tuple[bytes, dict]:
+        """The state a resumed run needs (LoRA, optimizer, EMA, RNG, version) as
+        safetensors bytes and a JSON-able dict (services/learner/state.py): no pickle."""
+        return learner_state.pack({
             "version": self.version,
             "lora": {k: v.detach().cpu() for k, v in lora_state_dict(self.transformer).items()},
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "generator": self.generator.get_state(),
-        }
+        })
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, tensors: bytes, meta: dict) -> None:
+        state = learner_state.unpack(tensors, meta)
         set_peft_model_state_dict(self.transformer, state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state["ema"] is not None:

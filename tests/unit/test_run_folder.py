@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -119,42 +120,76 @@ def test_sample_grid_has_a_cell_per_image_with_a_label(tmp_path):
         run.save_sample_grid(1, images, ["c"] * 4, [0.0] * 5)
 
 
-def test_rollout_log_appends_and_continues_in_a_new_part(tmp_path):
-    with RunFolder(tmp_path) as run:
-        run.append_rollouts(_rollouts(4, version=0))
-        run.append_rollouts(_rollouts(4, version=1, seed=1).to_batches()[0])
-        with pytest.raises(ValueError, match="schema differs"):
-            run.append_rollouts(_rollouts(4).drop_columns(["advantage"]))
-    with RunFolder(tmp_path) as resumed:
-        resumed.append_rollouts(_rollouts(2, version=2))
-    assert sorted(p.name for p in (tmp_path / "rollouts").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
-    log = pq.read_table(tmp_path / "rollouts")
-    assert log.num_rows == 10
+def test_rollout_log_is_one_closed_file_per_iteration(tmp_path):
+    run = RunFolder(tmp_path)
+    run.write_rollouts(0, _rollouts(4, version=0))
+    run.write_rollouts(1, _rollouts(4, version=1, seed=1).to_batches()[0])
+    run.write_rollouts(1, _rollouts(4, version=1, seed=2))  # an iteration written again replaces its file
+    assert sorted(p.name for p in (tmp_path / "rollouts").iterdir()) == ["iter_000000.parquet", "iter_000001.parquet"]
+    log = pq.read_table(tmp_path / "rollouts")  # readable while the run goes: no writer holds a file open
+    assert log.num_rows == 8
     assert "latents" not in log.column_names and "image" not in log.column_names
-    assert sorted(log.column("policy_version").to_pylist()) == [0] * 4 + [1] * 4 + [2] * 2
+    assert sorted(zip(log.column("iteration").to_pylist(), log.column("group").to_pylist())) == \
+        [(0, 0)] * 2 + [(0, 1)] * 2 + [(1, 0)] * 2 + [(1, 1)] * 2
+    assert log.column("group").to_pylist() == log.column("prompt_index").to_pylist()
     assert log.schema.field("rewards").type == pa.struct([("brightness", pa.float64())])
 
 
-def test_a_part_left_open_by_a_killed_process_is_set_aside(tmp_path):
-    killed = RunFolder(tmp_path)
-    killed.append_rollouts(_rollouts(4))  # never closed: no footer
-    with RunFolder(tmp_path) as resumed:
-        resumed.append_rollouts(_rollouts(2, version=3))
-    assert sorted(p.name for p in (tmp_path / "rollouts").iterdir()) == \
-        ["_part-00000.parquet.incomplete", "part-00001.parquet"]
-    assert pq.read_table(tmp_path / "rollouts").column("policy_version").to_pylist() == [3, 3]
-    killed.close()
+def test_a_file_cut_by_a_killed_writer_is_never_read(tmp_path):
+    run = RunFolder(tmp_path)
+    run.write_rollouts(0, _rollouts(4))
+    whole = (tmp_path / "rollouts" / "iter_000000.parquet").read_bytes()
+    (tmp_path / "rollouts" / ".iter_000001.parquet.tmp").write_bytes(whole[: len(whole) // 2])  # no footer
+    assert pq.read_table(tmp_path / "rollouts").num_rows == 4
+    assert ds.dataset(tmp_path / "rollouts").count_rows() == 4
+    RunFolder(tmp_path)  # the next writer clears it away
+    assert [p.name for p in (tmp_path / "rollouts").iterdir()] == ["iter_000000.parquet"]
 
 
-def test_checkpoint_dirs_and_lora_dir(tmp_path):
+def test_resume_removes_the_rollouts_past_its_checkpoint(tmp_path):
+    run = RunFolder(tmp_path)
+    for it in range(5):
+        run.write_rollouts(it, _rollouts(2, version=it))
+    RunFolder(tmp_path).truncate_after(2)
+    assert sorted(set(pq.read_table(tmp_path / "rollouts").column("iteration").to_pylist())) == [0, 1, 2]
+
+
+def test_checkpoints_are_complete_or_ignored(tmp_path, capsys, monkeypatch):
     run = RunFolder(tmp_path)
     assert run.latest_checkpoint() is None
-    assert run.checkpoint_dir(50) == tmp_path / "checkpoints" / "iter_000050"
-    run.checkpoint_dir(100)
-    run.checkpoint_dir(9)
+    path = run.write_checkpoint(50, {"learner.json": "{}", "learner.safetensors": b"\x00\x01"})
+    assert path == tmp_path / "checkpoints" / "iter_000050"
+    assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "learner.json", "learner.safetensors"]
+    assert json.loads((path / "COMPLETE").read_text()) == {"iteration": 50, "files": ["learner.json",
+                                                                                      "learner.safetensors"]}
+    run.write_checkpoint(9, {"a": b"nine"})
+    assert run.latest_checkpoint() == path
+
+    # a writer killed mid-checkpoint leaves a hidden folder; the latest complete one stays in use
+    calls = []
+
+    def fsync_then_die(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands for the process dying between two files
+
+    monkeypatch.setattr("os.fsync", fsync_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run.write_checkpoint(100, {"a": b"1", "b": b"2"})
+    monkeypatch.undo()
+    assert not (tmp_path / "checkpoints" / "iter_000100").exists()
+    assert run.latest_checkpoint() == path
+    # a folder under the final name without the mark (copied in part, older code) is skipped, and said so
+    (tmp_path / "checkpoints" / "iter_000200").mkdir()
     (tmp_path / "checkpoints" / "notes").mkdir()
-    assert (tmp_path / "checkpoints" / "iter_000050").is_dir()
-    assert run.latest_checkpoint() == tmp_path / "checkpoints" / "iter_000100"
+    capsys.readouterr()
+    assert run.latest_checkpoint() == path
+    assert "iter_000200 is incomplete (no COMPLETE mark" in capsys.readouterr().err
+
+    again = run.write_checkpoint(50, {"a": b"redone"})  # a redone iteration replaces its checkpoint
+    assert sorted(p.name for p in again.iterdir()) == ["COMPLETE", "a"] and (again / "a").read_bytes() == b"redone"
+    assert run.write_checkpoint(100, {"a": b"1"}) == run.latest_checkpoint()
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
     assert run.lora_dir == tmp_path / "lora" and run.lora_dir.is_dir()
 
 
