@@ -1,5 +1,6 @@
 """The actor-learner system on the session's local Ray cluster, with the tiny model."""
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,8 @@ def test_first_learner_step_is_on_policy(two_iterations):
 def test_run_folder_has_everything(two_iterations):
     run_dir, history, _, _ = two_iterations
     for name in ["config.yaml", "metrics.jsonl", "reward_curve.png", "samples/iter_000000.png",
-                 "samples/iter_000001.png", "checkpoints/iter_000001/learner.pt", "checkpoints/iter_000002/controller.json",
+                 "samples/iter_000001.png", "checkpoints/iter_000001/learner.safetensors", "checkpoints/iter_000001/learner.json",
+                 "checkpoints/iter_000001/COMPLETE", "checkpoints/iter_000002/controller.json",
                  "lora/pytorch_lora_weights.safetensors"]:
         assert (run_dir / name).is_file(), name
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -74,6 +76,14 @@ def test_run_folder_has_everything(two_iterations):
     assert log.num_rows == 2 * 2 * 4
     assert "latents" not in log.column_names and "advantage" in log.column_names
     assert sorted(set(log.column("policy_version").to_pylist())) == [0, 1]
+    assert sorted(p.name for p in (run_dir / "rollouts").iterdir()) == ["iter_000000.parquet", "iter_000001.parquet"]
+    assert groups_logged(log) == {(it, group): 4 for it in range(2) for group in (2 * it, 2 * it + 1)}
+
+
+def groups_logged(log):
+    """{(iteration, group): rows} of a rollout log."""
+    keys = zip(log.column("iteration").to_pylist(), log.column("group").to_pylist())
+    return dict(Counter(keys))
 
 
 def test_final_lora_loads_into_the_stock_pipeline(two_iterations, tiny_model_dir):
