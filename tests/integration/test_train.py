@@ -1,15 +1,20 @@
 """The actor-learner system on the session's local Ray cluster, with the tiny model."""
 import json
+import os
+import signal
+import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from ray.exceptions import RayActorError
 
-from common.config import ConfigError
+from common.config import ConfigError, load_config
 from common.lora import LoraLoadError
 from services.controller.preflight import prepare
 from services.controller.job import train
@@ -108,10 +113,14 @@ def test_resume_gives_the_same_next_iteration(ray_config, two_iterations, tmp_pa
     (resumed_dir / "checkpoints").mkdir()
     import shutil
     shutil.copytree(run_dir / "checkpoints" / "iter_000001", resumed_dir / "checkpoints" / "iter_000001")
-    again = train(ray_config(), resumed_dir, resume=True)
-    assert len(again) == 1
+    again = train(ray_config("run.iterations=3"), resumed_dir, resume=True)
+    assert len(again) == 2
     for key in ["reward_mean", "loss", "grad_norm", "policy_version"]:
         assert again[0][key] == history[1][key], key
+    # the resume is on record: from where, what changed, and the config it ran with
+    lines = [json.loads(line) for line in (resumed_dir / "resumes.jsonl").read_text().splitlines()]
+    assert [(line["iteration"], line["changed"]) for line in lines] == [(1, {"run.iterations": [2, 3]})]
+    assert load_config(resumed_dir / "config.yaml") == ray_config("run.iterations=3")
 
 
 def test_too_many_rollout_workers_fail_before_training(ray_config, tmp_path):
@@ -140,11 +149,83 @@ def test_dead_rollout_worker_is_replaced_and_its_chunks_resampled(ray_config, tm
     assert versions == [2, 2]
 
 
-def test_async_mode_overlaps_rollouts_with_learning(ray_config, tmp_path):
+class KillsOneScoringCall:
+    """Stands in for a reward worker's handle. Its `nth` score call is in flight in the
+    worker's process when that process is SIGKILLed: the process is stopped (SIGSTOP)
+    before the call is sent, so the call cannot finish first."""
+
+    def __init__(self, handle, nth):
+        self.handle, self.nth, self.calls, self.killed_pid = handle, nth, 0, None
+        self.score = SimpleNamespace(remote=self._score)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def pid(self):
+        return ray.get(self.handle.__ray_call__.remote(lambda worker: os.getpid()))
+
+    def _score(self, *args):
+        self.calls += 1
+        if self.calls != self.nth:
+            return self.handle.score.remote(*args)
+        self.killed_pid = self.pid()
+        os.kill(self.killed_pid, signal.SIGSTOP)
+        ref = self.handle.score.remote(*args)
+        time.sleep(0.5)  # the call reaches the stopped process
+        os.kill(self.killed_pid, signal.SIGKILL)
+        return ref
+
+
+def test_dead_reward_worker_scores_the_intact_batch_again(ray_config, tmp_path):
+    trainer = SyncTrainer(ray_config("run.iterations=3", "run.checkpoint_every=0"), tmp_path / "run")
+    trainer.start()
+    killer = KillsOneScoringCall(trainer.rewards[0], nth=3)  # iteration 1's first chunk (2 chunks an iteration)
+    trainer.rewards = [killer]
+    try:
+        history = trainer.train()
+        restarted_pid = killer.pid()
+    finally:
+        trainer.rewards = [killer.handle]
+        trainer.stop()
+    assert killer.killed_pid is not None and restarted_pid != killer.killed_pid
+    assert [h["chunks_rescored"] for h in history] == [0.0, 1.0, 0.0]
+    assert [h["chunks_resampled"] for h in history] == [0.0, 0.0, 0.0]  # nothing sampled twice
+    log = pq.read_table(tmp_path / "run" / "rollouts")
+    assert groups_logged(log) == {(it, group): 4 for it in range(3) for group in (2 * it, 2 * it + 1)}
+
+
+def test_async_mode_samples_while_the_learner_updates(ray_config, tmp_path):
     history = train(ray_config("run.mode=async", "run.iterations=3", "run.checkpoint_every=0"), tmp_path / "run")
-    assert [h["staleness"] for h in history] == [0.0, 1.0, 1.0]
+    # the versions the rollout workers sampled with, from the rollout log (8 images an iteration):
+    # iteration 1 was sampled during the update on iteration 0, still with version 0
+    versions = pq.read_table(tmp_path / "run" / "rollouts").column("policy_version").to_pylist()
+    assert [sorted(set(versions[8 * i:8 * (i + 1)])) for i in range(3)] == [[0], [0], [1]]
+    # the learner trains on them with their behaviour log-probs: the ratio before its first
+    # step is 1 on iteration 0's on-policy samples and departs from 1 on the older ones
+    assert history[0]["ratio_dev_before_update"] < 1e-5
+    assert all(h["ratio_dev_before_update"] > 1e-4 for h in history[1:])
     assert [h["policy_version"] for h in history] == [1.0, 2.0, 3.0]
-    assert all(np.isfinite(h["loss"]) for h in history)
+
+
+def test_a_run_that_fails_to_start_leaves_no_folder(ray_config, tmp_path):
+    with pytest.raises(RayActorError, match="lora.target_modules"):
+        train(ray_config("lora.target_modules=[no_such_layer]", "rollout.num_workers=1"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_stops_every_worker(ray_config, tmp_path, monkeypatch):
+    def interrupted(self, it):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SyncTrainer, "iteration", interrupted)
+    total = ray.cluster_resources()["CPU"]
+    with pytest.raises(KeyboardInterrupt):
+        train(ray_config("rollout.num_workers=1"), tmp_path / "run")
+    deadline = time.monotonic() + 20
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == total  # every actor and placement group is gone
+    assert not (tmp_path / "run").exists()  # nothing was logged: nothing is kept
 
 
 def test_evaluation_scores_ode_samples(ray_config, tmp_path):
