@@ -1,5 +1,6 @@
 """The deploy/ folder: configs load and carry the paper's values, the Grafana dashboard covers
 the controller's gauges, the cluster manifests parse and run `flowgrpo train`, scripts parse."""
+import dataclasses
 import json
 import re
 import shutil
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import ATTENTION_PROJECTIONS, load_config
+from common.config import ATTENTION_PROJECTIONS, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -28,9 +29,33 @@ def test_the_sd35_configs_are_there():
     assert {f"sd35_{task}.yaml" for task in PAPER_BETA} <= names
 
 
+def _leaves(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_config_loads(path):
-    load_config(path)
+def test_every_value_a_config_sets_is_the_one_loaded(path, tmp_path):
+    """Each key of the file reaches the typed config with the file's value (none falls back
+    to a default), and the config written back (as a run's config.yaml) loads the same."""
+    config = load_config(path)
+    loaded = _leaves(dataclasses.asdict(config))
+    for key, value in _leaves(yaml.safe_load(path.read_text())).items():
+        assert loaded[key] == (float(value) if isinstance(loaded[key], float) else value), key
+    dump_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_the_tiny_config_fits_two_cpu_cores_and_no_gpu():
+    c = load_config(DEPLOY / "configs" / "tiny_cpu.yaml")
+    cpus = c.rollout.num_workers * c.rollout.num_cpus + c.learner.num_cpus + c.reward.num_workers * c.reward.num_cpus
+    gpus = c.rollout.num_workers * c.rollout.num_gpus + c.learner.num_gpus + c.reward.num_workers * c.reward.num_gpus
+    assert cpus <= 2 and gpus == 0 and c.model.tiny_preset is not None
 
 
 @pytest.mark.parametrize("task", sorted(PAPER_BETA))
