@@ -130,7 +130,9 @@ class GenevalConfig:
     `score` (partial credit, the paper's), `strict` or `correct` (the benchmark's 0/1).
     `failed_relation` is how `score` counts a wrong relative position: `paper` as the
     paper's reward server (a 0 and then a 1: 0.75 for a two-object position prompt whose
-    objects are found but wrongly placed) or `once` (a single 0: 2/3 there)."""
+    objects are found but wrongly placed) or `once` (a single 0: 2/3 there).
+    `detector: toy` scores the toy world's images (services/reward/toy_detector.py, no
+    model; `clip` and `device` unused)."""
     detector: str = "facebook/mask2former-swin-small-coco-instance"
     clip: str = "openai/clip-vit-large-patch14"
     device: str = "auto"

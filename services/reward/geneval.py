@@ -33,6 +33,7 @@ from services.reward.geneval_rules import (
 COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
 COLOR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
 BACKGROUND = "#999"
+TOY_DETECTOR = "toy"  # reward.geneval.detector naming the toy world's detector instead of a model
 
 
 def geneval_label_names(id2label: dict[int, str]) -> dict[int, str]:
@@ -154,16 +155,21 @@ class GenevalScorer(Scorer):
     def __init__(self, config: RewardConfig):
         from common.models import resolve_device
         cfg = config.geneval
+        self.reward = cfg.reward
+        self.failed_relation = cfg.failed_relation
+        if cfg.detector == TOY_DETECTOR:  # the toy world's shapes (common/toy_world.py), no model
+            from services.reward.toy_detector import ToyColorClassifier, ToyDetector
+            self.detector, self.colors, self.engine = ToyDetector(), ToyColorClassifier(), "toy-detector"
+            return
         device = resolve_device(cfg.device)
         self.detector = Mask2FormerDetector(cfg.detector, device)
         self.colors = ClipColorClassifier(cfg.clip, device)
-        self.reward = cfg.reward
-        self.failed_relation = cfg.failed_relation
         self.engine = f"transformers-mask2former:{cfg.detector}+clip:{cfg.clip}:{device.type}"
 
     @classmethod
     def needs(cls, config: RewardConfig) -> ScorerNeeds:
-        return cls.model_needs(config, config.geneval.device)
+        device = "cpu" if config.geneval.detector == TOY_DETECTOR else config.geneval.device
+        return cls.model_needs(config, device)
 
     def _score(self, images, prompts, metadata):
         errors = {}

@@ -1,0 +1,222 @@
+"""Pretraining the toy-world model (`flowgrpo pretrain-toy OUT_DIR`): a tiny pipeline of
+the SD3.5 classes taught the toy world's scenes (common.toy_world) with SD3's
+flow-matching objective, on the CPU, so that Flow-GRPO has a prompt-following but
+imperfect base model to improve.
+
+The pipeline
+  - text encoders and tokenizers: the tiny ones of common.models (two CLIP with
+    projection and a T5, preset "m"), tokenizers trained on the toy world's words so
+    that each word is one token; random and frozen. CLIP's learned absolute position
+    embeddings tell the transformer which word came where (colour binding, left/right).
+  - transformer: SD3Transformer2DModel, 4 layers of 4 heads x 32, dual attention in the
+    first and RMS qk-norm (SD3.5's), patch 2 on a 16 x 16 latent: 64 image tokens.
+  - VAE: AutoencoderKL with three blocks (factor 4: 64 px images from 16 x 16 latents)
+    whose decoder is the per-pixel latent-to-colour map of common.models, with a gain
+    that makes saturated colours reachable. A scene's latent puts at each cell the
+    latent that decodes to that cell's colour (`palette_latents`, solved once by Newton
+    steps on the real decoder), so rendered scenes are exactly decodable latents.
+
+The objective (SD3, rectified flow): x_t = (1 - t) x_0 + t e with e ~ N(0, I) and
+t = sigmoid(n), n ~ N(0, 1) (logit-normal); the transformer, given t x 1000, predicts
+v = e - x_0; loss = mean (v_pred - v)^2. A tenth of the captions are empty (for
+classifier-free guidance). AdamW with linear warm-up and cosine decay; the weights saved
+are an exponential moving average (EMA_DECAY) of the trained ones.
+
+Deterministic for a seed at a fixed number of torch threads.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.denoising import encode_prompts
+from common.models import TinyPreset
+from common.prompts import GENEVAL_TAGS
+from common.toy_world import BACKGROUND, GRID, PALETTE, all_prompts, cell_colors, sample_scene, split_prompts
+
+MARKER = "flowgrpo_toy.json"
+LATENT_CHANNELS = 16
+MAX_SEQUENCE_LENGTH = 32      # T5 tokens: the longest toy prompt takes 25
+# The text side of the tiny pipeline (its transformer and VAE sizes are replaced here):
+# a CLIP context of 24 tokens holds the longest toy prompt (21 with its start and end).
+TEXT_PRESET = TinyPreset(layers=4, heads=4, head_dim=32, clip_hidden=32, vae_channels=8, clip_tokens=24)
+EMA_DECAY = 0.999
+PIXEL_GAIN = 4.0       # decoder output gain: palette latents of norm 4 or less
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    steps: int = 6000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup: int = 200
+    empty_prompt_fraction: float = 0.1
+    seed: int = 0
+    save_every: int = 0    # also save the EMA weights every this many steps (0: only at the end)
+
+
+def toy_words() -> list[str]:
+    """Every word of every toy prompt, for the tokenizers."""
+    return sorted({w for p in all_prompts() for w in p["prompt"].split()})
+
+
+def build_toy_pipeline(seed: int = 0):
+    """The untrained toy pipeline (module doc), deterministic for `seed`."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from common.models import _latent_preview_decoder, build_tiny_pipeline
+
+    with tempfile.TemporaryDirectory(prefix="flowgrpo-toy-tok-") as tmp:
+        pipe = build_tiny_pipeline(TEXT_PRESET, seed, workdir=tmp, words=toy_words())
+    text_dim = 2 * TEXT_PRESET.clip_hidden
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=GRID, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        num_layers=4, attention_head_dim=32, num_attention_heads=4, joint_attention_dim=text_dim,
+        caption_projection_dim=128, pooled_projection_dim=text_dim, pos_embed_max_size=GRID // 2,
+        dual_attention_layers=(0,), qk_norm="rms_norm")
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8,) * 3, layers_per_block=1, norm_num_groups=1,
+        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    _latent_preview_decoder(vae, torch.Generator().manual_seed(seed), pixel_gain=PIXEL_GAIN)
+    with torch.no_grad():  # signal channels summing to zero: GroupNorm's mean no longer depends on the image
+        mix_in = vae.decoder.conv_in.weight[:-2, :, 1, 1]
+        mix_in -= mix_in.mean(dim=0, keepdim=True)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=pipe.scheduler,
+        text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, text_encoder_2=pipe.text_encoder_2,
+        tokenizer_2=pipe.tokenizer_2, text_encoder_3=pipe.text_encoder_3, tokenizer_3=pipe.tokenizer_3)
+
+
+def _decode_uniform(vae, latents: torch.Tensor) -> torch.Tensor:
+    """RGB in [-1, 1] that each latent vector [N, C] decodes to, as a uniform 4 x 4 latent."""
+    z = latents[:, :, None, None].expand(-1, -1, 4, 4) / vae.config.scaling_factor + vae.config.shift_factor
+    return vae.decode(z, return_dict=False)[0].mean(dim=(2, 3))
+
+
+def palette_latents(vae, newton_steps: int = 8) -> torch.Tensor:
+    """[1 + len(PALETTE), C] latents (pipeline scale) decoding to the background and each
+    palette colour: the minimum-norm solution of decode(z) = colour, by Newton steps with
+    the pseudo-inverse of the decoder's Jacobian at z."""
+    targets = torch.tensor([BACKGROUND, *PALETTE.values()], dtype=torch.float32) / 127.5 - 1
+    z = torch.zeros(len(targets), LATENT_CHANNELS)
+    for _ in range(newton_steps):
+        for i in range(len(targets)):
+            jac = torch.autograd.functional.jacobian(lambda v: _decode_uniform(vae, v[None])[0], z[i])
+            with torch.no_grad():
+                z[i] += torch.linalg.pinv(jac) @ (targets[i] - _decode_uniform(vae, z[i][None])[0])
+    with torch.no_grad():
+        error = (_decode_uniform(vae, z) - targets).abs().max().item()
+    if error > 0.02:
+        raise RuntimeError(f"toy VAE: palette colours decode {error:.3f} off (in [-1, 1]); the decoder cannot reach them")
+    return z
+
+
+def scene_latents(scenes, palette: torch.Tensor) -> torch.Tensor:
+    """[B, C, GRID, GRID] latents of scenes (lists of ToyObject)."""
+    index = torch.from_numpy(np.stack([cell_colors(s) for s in scenes]))
+    return palette[index].permute(0, 3, 1, 2).contiguous()
+
+
+class SceneSampler:
+    """Training batches: a tag uniformly, a training prompt of it uniformly, a random
+    scene of it; a caption left empty with probability `empty`."""
+
+    def __init__(self, records: list[dict], seed: int, empty: float):
+        self.by_tag = [[r for r in records if r["tag"] == tag] for tag in GENEVAL_TAGS]
+        self.by_tag = [group for group in self.by_tag if group]
+        self.rng = np.random.default_rng(seed)
+        self.empty = empty
+
+    def batch(self, n: int) -> tuple[list, list[str]]:
+        scenes, captions = [], []
+        for _ in range(n):
+            group = self.by_tag[int(self.rng.integers(len(self.by_tag)))]
+            record = group[int(self.rng.integers(len(group)))]
+            scenes.append(sample_scene(record, self.rng))
+            captions.append("" if self.rng.random() < self.empty else record["prompt"])
+        return scenes, captions
+
+
+def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), progress: bool = True) -> dict:
+    """Train the toy pipeline on the training split's scenes and save it to `out_dir`
+    (a diffusers pipeline folder, with MARKER recording how); returns that record."""
+    from tqdm import tqdm
+
+    started = time.time()
+    torch.manual_seed(config.seed)
+    pipe = build_toy_pipeline(config.seed)
+    palette = palette_latents(pipe.vae)
+    train_records, _ = split_prompts()
+    captions = sorted({r["prompt"] for r in train_records}) + [""]
+    embeds = encode_prompts(pipe, captions, MAX_SEQUENCE_LENGTH)
+    row = {c: i for i, c in enumerate(captions)}
+
+    model = pipe.transformer
+    model.train().requires_grad_(True)
+    ema = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        progress_ = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    sampler = SceneSampler(train_records, config.seed, config.empty_prompt_fraction)
+    generator = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    bar = tqdm(range(config.steps), desc="pretrain-toy", disable=not progress, mininterval=2.0)
+    for step in bar:
+        scenes, batch_captions = sampler.batch(config.batch_size)
+        x0 = scene_latents(scenes, palette)
+        cond = embeds.select([row[c] for c in batch_captions])
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.sigmoid(torch.randn(len(x0), generator=generator))
+        xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+        v = model(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=cond.tokens,
+                  pooled_projections=cond.pooled, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(v, noise - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            for average, p in zip(ema, model.parameters()):
+                average.lerp_(p, 1 - EMA_DECAY)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+            trained = [p.detach().clone() for p in model.parameters()]
+            _save(pipe, ema, out_dir, config, step + 1, losses, started)
+            with torch.no_grad():
+                for p, value in zip(model.parameters(), trained):
+                    p.copy_(value)
+    return _save(pipe, ema, out_dir, config, config.steps, losses, started)
+
+
+def _save(pipe, ema: list[torch.Tensor], out_dir: str | Path, config: PretrainConfig, steps: int,
+          losses: list[float], started: float) -> dict:
+    """Save the pipeline with the EMA weights in the transformer, and MARKER."""
+    with torch.no_grad():
+        for average, p in zip(ema, pipe.transformer.parameters()):
+            p.copy_(average)
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir)
+    record = {"config": asdict(config), "steps_done": steps, "final_loss": float(np.mean(losses[-100:])),
+              "seconds": round(time.time() - started, 1), "threads": torch.get_num_threads(),
+              "max_sequence_length": MAX_SEQUENCE_LENGTH}
+    (out_dir / MARKER).write_text(json.dumps(record, indent=1) + "\n")
+    return record
