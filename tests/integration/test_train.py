@@ -78,6 +78,10 @@ def test_run_folder_has_everything(two_iterations):
     assert log.num_rows == 2 * 2 * 4
     assert "latents" not in log.column_names and "advantage" in log.column_names
     assert sorted(set(log.column("policy_version").to_pylist())) == [0, 1]
+    import pandas  # a dependency: the README reads the log with it
+
+    frame = pandas.read_parquet(run_dir / "rollouts")
+    assert len(frame) == 2 * 2 * 4 and frame["reward"].between(0, 1).all()
     assert sorted(p.name for p in (run_dir / "rollouts").iterdir()) == ["iter_000000.parquet", "iter_000001.parquet"]
     assert groups_logged(log) == {(it, group): 4 for it in range(2) for group in (2 * it, 2 * it + 1)}
 
