@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A user error raised in a worker's __init__ reaches the driver only as the text of Ray's
+# ActorDiedError, whose last line is Python's "module.Class: message".
+_WORKER_USER_ERROR = re.compile(
+    r"^(?:common\.config\.ConfigError|common\.lora\.LoraLoadError|common\.prompts\.PromptFileError): (.+)$", re.M)
+
+
 def _train(args) -> int:
     from common.config import load_config
     from services.controller import run_folder
@@ -125,6 +132,8 @@ def _train(args) -> int:
             print(f"flowgrpo: --overwrite: deleting the earlier run in {run_dir}", file=sys.stderr)
             run_folder.remove_run(run_dir)
         print(f"flowgrpo: run folder {run_dir}", file=sys.stderr)
+    from ray.exceptions import RayActorError
+
     from services.controller.job import train
 
     try:
@@ -132,6 +141,12 @@ def _train(args) -> int:
     except KeyboardInterrupt:
         print(f"flowgrpo: interrupted; {_how_to_continue(run_dir)}", file=sys.stderr)
         return 130
+    except RayActorError as err:
+        found = _WORKER_USER_ERROR.findall(str(err))
+        if not found:
+            raise
+        print(f"flowgrpo: error: {found[-1]} (raised in a worker as it started)", file=sys.stderr)
+        return 2
     if history:
         first, last = history[0]["reward_mean"], history[-1]["reward_mean"]
         print(f"flowgrpo: reward mean {first:.4f} -> {last:.4f} over {len(history)} iterations; curve in "

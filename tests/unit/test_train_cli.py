@@ -185,3 +185,21 @@ def test_a_terminal_keeps_rays_colours(monkeypatch):
     before = list(logger.filters)
     job.plain_ray_logs(Terminal())
     assert "RAY_COLOR_PREFIX" not in os.environ and logger.filters == before
+
+
+def test_a_user_error_in_a_starting_worker_is_one_plain_line(config_file, tmp_path, monkeypatch, capsys):
+    from ray.exceptions import RayActorError
+
+    died = RayActorError(error_msg=(  # the text of Ray's ActorDiedError when a worker's __init__ raises
+        "The actor died because of an error raised in its creation task, ray::Learner.__init__() (pid=2211, "
+        "ip=127.0.0.1)\n  File \"services/learner/learner.py\", line 47, in __init__\n"
+        "common.lora.LoraLoadError: lora.target_modules: ['no_such_layer'] does not fit SD3Transformer2DModel"))
+    monkeypatch.setattr(job, "train", lambda *a, **k: (_ for _ in ()).throw(died))
+    assert cli.main(["train", "--config", str(config_file), "--run-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "flowgrpo: error: lora.target_modules: ['no_such_layer'] does not fit SD3Transformer2DModel "
+        "(raised in a worker as it started)")
+    other = RayActorError(error_msg="The actor died unexpectedly before finishing this task.")
+    monkeypatch.setattr(job, "train", lambda *a, **k: (_ for _ in ()).throw(other))
+    with pytest.raises(RayActorError):  # not a user error: the traceback is the report
+        cli.main(["train", "--config", str(config_file), "--run-dir", str(tmp_path / "run2")])
