@@ -18,8 +18,8 @@ Where the work runs
     Rollout workers sample whole prompts per call (about `sample.batch_size` images);
     each finished batch goes by object reference to the next reward worker (round robin),
     which scores it with the training scorers and the eval-only ones (`reward.eval`).
-    The driver receives the scored rows without images (a Ray task in between drops
-    them), and the first GRID_IMAGES images for the grid.
+    The driver receives the scored rows without images (RewardWorker.score drops them
+    in evaluation), and the first GRID_IMAGES images for the grid.
 
 Metrics: `summarize` (a flat JSON object, RUN_DIR/eval/iter_NNNNNN.json)
     geneval/<tag>      GenEval's accuracy of a tag: the mean of `correct` over its images
@@ -116,7 +116,7 @@ def summarize(rows: pa.Table, groups_failed: int, per_prompt: int) -> dict[str, 
     if "ocr/mean" in out:
         out["ocr/accuracy"] = out["ocr/mean"]
     if "geneval/mean" in out:
-        out.update(geneval_summary([json.loads(d)["geneval"] for d in rows.column("details").to_pylist()]))
+        out.update(geneval_summary([d["geneval"] for d in wire.details_column(rows)]))
     return out
 
 
@@ -208,7 +208,7 @@ def _sample_and_score(config: Config, records: Sequence[PromptRecord], rollouts:
             chunk = pending.pop(ref)
             worker = rewards[turn["reward"] % len(rewards)]
             turn["reward"] += 1
-            scoring[_score_without_images.remote(worker, [ref])] = (chunk, ref)
+            scoring[worker.score.remote(ref, evaluation=True)] = (chunk, ref)
             continue
         chunk, batch_ref = scoring.pop(ref)
         try:
@@ -233,16 +233,6 @@ def _sample_and_score(config: Config, records: Sequence[PromptRecord], rollouts:
     return rows, failures, (grid_images, grid_keys[:GRID_IMAGES])
 
 
-@ray.remote(num_cpus=0)
-def _score_without_images(reward_worker, batch: list) -> tuple[pa.RecordBatch, list]:
-    """Score an evaluation batch (`batch`: [its object ref], passed on unresolved, so the
-    images go from the rollout worker's output straight to the reward worker) with the
-    evaluation scorers, and return the scored rows without their images: this task, not
-    the driver, is where the images the reward worker hands back end."""
-    rows, failures = ray.get(reward_worker.score.remote(batch[0], evaluation=True))
-    return rows.drop_columns(["image"]), failures
-
-
 def _grid(rows: pa.Table, images: np.ndarray, keys: list[tuple[int, int]]):
     """The grid's images (those whose prompt was scored) with their prompts and verdicts:
     GenEval's `correct`, else the weighted reward. Returns (images, prompts, values, label)."""
@@ -252,9 +242,8 @@ def _grid(rows: pa.Table, images: np.ndarray, keys: list[tuple[int, int]]):
     index = [position[keys[j]] for j in keep]
     prompts = [rows.column("prompt")[i].as_py() for i in index]
     if "geneval" in [field.name for field in rows.column("rewards").type]:
-        details = rows.column("details")
-        return images[keep], prompts, [float(json.loads(details[i].as_py())["geneval"]["correct"]) for i in index], \
-            "correct"
+        details = wire.details_column(rows)
+        return images[keep], prompts, [float(details[i]["geneval"]["correct"]) for i in index], "correct"
     return images[keep], prompts, [rows.column("reward")[i].as_py() for i in index], "reward"
 
 

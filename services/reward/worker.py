@@ -102,7 +102,9 @@ class RewardWorker:
         added (common.wire.with_scores), without the latents (the learner reads those
         from the rollout batch itself: scoring does not copy them), and one GroupFailure
         per dropped group. With `evaluation` the reward.eval scorers run as well (a
-        failure of theirs drops the group as any other would)."""
+        failure of theirs drops the group as any other would), and the rows come back
+        without their images too: an evaluation gathers verdicts, and its caller holds
+        the images it sent by reference."""
         images = tensor_column(batch, "image")
         prompts = batch.column("prompt").to_pylist()
         metadata = metadata_column(batch)
@@ -115,8 +117,8 @@ class RewardWorker:
         keep = ~np.isin(groups, list(failures))
         total = sum(weight * scores[name] for name, weight in self.weights.items())
         rows = batch.filter(pa.array(keep))
-        if "latents" in rows.schema.names:
-            rows = rows.drop_columns(["latents"])
+        dropped = ("latents", "image") if evaluation else ("latents",)
+        rows = rows.drop_columns([c for c in dropped if c in rows.schema.names])
         per_row = [{name: details[name][i] for name in names} for i in np.flatnonzero(keep)]
         scored = with_scores(rows, {n: s[keep] for n, s in scores.items()}, total[keep], per_row)
         self._failed_groups += len(failures)

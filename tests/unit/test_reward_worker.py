@@ -127,6 +127,7 @@ def test_evaluation_scorers_run_only_in_evaluation_and_stay_out_of_the_total():
     assert rewards.field("echo").to_pylist() == [0.5] * 6
     np.testing.assert_allclose(evaluated.column("reward").to_numpy(), 2.0 * rewards.field("brightness").to_numpy())
     assert list(details_column(evaluated)[0]) == ["brightness", "echo"]
+    assert "image" in trained.column_names and "image" not in evaluated.column_names  # verdicts only
     assert worker.metrics()["echo/images"] == 6
 
 
