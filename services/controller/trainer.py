@@ -6,8 +6,9 @@ into rollout calls of whole groups, spread over the rollout workers. Each finish
 rollout chunk goes to a reward worker at once (scoring overlaps the remaining rollouts);
 the controller computes group advantages, the learner updates, and the new LoRA is put
 into the object store once and loaded by every rollout worker, which checks digest,
-version and binding. A lost chunk (worker died, call timed out) is re-sampled on another
-worker; a group whose scoring failed is dropped and counted, never zero-filled.
+version and binding. A lost chunk (rollout worker died, call timed out) is re-sampled on
+another worker; a chunk whose reward worker died is scored again from its batch in the
+object store; a group whose scoring failed is dropped and counted, never zero-filled.
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ class Chunk:
     seed: int
     min_version: int
     attempts: int = 0
+    rescored: int = 0  # times its batch was scored again after a reward worker died
     worker: int = -1
     started: float = field(default=0.0)
 
@@ -178,7 +180,7 @@ class SyncTrainer:
         """Wait for the chunks in flight, sending each to a reward worker as it arrives."""
         self.dashboard.set_phase("rollout")
         pending, scoring = flight.pending, {}
-        scored, failures, lost = [], [], 0
+        scored, failures, lost, rescored = [], [], 0, 0
         rollout_done = time.perf_counter()
         while pending or scoring:
             self.dashboard.set_queue_depth("rollout", len(pending))
@@ -190,9 +192,7 @@ class SyncTrainer:
                     # the driver. If the rollout failed, the scoring call fails with its error.
                     chunk = pending.pop(ref)
                     self._progress[chunk.worker] = time.perf_counter()
-                    reward_worker = self.rewards[self._next_reward % len(self.rewards)]
-                    self._next_reward += 1
-                    scoring[reward_worker.score.remote(ref)] = (chunk, ref)
+                    scoring[self._score(ref)] = (chunk, ref)
                     if not pending:
                         rollout_done = time.perf_counter()
                 else:
@@ -200,7 +200,10 @@ class SyncTrainer:
                     try:
                         batch, failed = ray.get(ref)
                     except (RayActorError, RayTaskError) as err:  # a worker died, or stale weights
-                        lost += self._retry(chunk, err, pending)
+                        if _reward_worker_died(err):  # the rollout batch is intact: score it again
+                            rescored += self._rescore(chunk, rollout_ref, err, scoring)
+                        else:
+                            lost += self._retry(chunk, err, pending)
                         continue
                     scored.append((chunk.index, batch, rollout_ref))
                     failures.extend(failed)
@@ -221,6 +224,7 @@ class SyncTrainer:
             "time/rollout": rollout_done - flight.started, "time/reward_tail": end - rollout_done,
             "time/rollout_compute": busy, "images_per_second": data.num_rows / max(rollout_done - flight.started, 1e-9),
             "groups_failed_scoring": float(len(failures)), "chunks_resampled": float(lost),
+            "chunks_rescored": float(rescored),
             "images": float(data.num_rows),
         }
         self.dashboard.set_images_per_second(metrics["images_per_second"])
@@ -283,6 +287,25 @@ class SyncTrainer:
             prompts, [i for i, _ in chunk.draws], [r.metadata for _, r in chunk.draws], chunk.seed,
             min_version=chunk.min_version)
         pending[ref] = chunk
+
+    def _score(self, rollout_ref: ray.ObjectRef) -> ray.ObjectRef:
+        """Score a rollout batch, by reference, on the next reward worker in turn."""
+        reward_worker = self.rewards[self._next_reward % len(self.rewards)]
+        self._next_reward += 1
+        return reward_worker.score.remote(rollout_ref)
+
+    def _rescore(self, chunk: Chunk, rollout_ref: ray.ObjectRef, err: Exception, scoring: dict) -> int:
+        """A reward worker died while scoring the chunk: its rollout batch is still in the
+        object store, so it is scored again on the next reward worker (Ray restarts the
+        dead one, max_restarts=-1; calls wait for it), not re-sampled."""
+        chunk.rescored += 1
+        if chunk.rescored > CHUNK_RETRIES:
+            raise RuntimeError(f"the reward worker died {chunk.rescored} times scoring one rollout chunk; "
+                               f"last error: {err}; see the reward worker's log") from err
+        tqdm.write(f"flowgrpo: a reward worker died while scoring; the rollout chunk is scored again "
+                   f"({type(err).__name__})", file=sys.stderr)
+        scoring[self._score(rollout_ref)] = (chunk, rollout_ref)
+        return 1
 
     def _retry(self, chunk: Chunk, err: Exception, pending: dict) -> int:
         """Re-sample a lost chunk on the next worker; the failed one is restarted by Ray
@@ -399,3 +422,10 @@ class SyncTrainer:
         self.start_iteration = state["iteration"]
         self.folder.truncate_after(self.start_iteration - 1)
 
+
+def _reward_worker_died(err: Exception) -> bool:
+    """Whether a failed scoring call failed because its reward worker's process died.
+    Ray raises the actor's own error (ActorUnavailableError, ActorDiedError) for that;
+    the error of the rollout call the scoring waited on arrives wrapped in a RayTaskError
+    (measured with Ray 2.60: RayTaskError(ActorUnavailableError) for a killed rollout worker)."""
+    return isinstance(err, RayActorError) and not isinstance(err, RayTaskError)

@@ -1,8 +1,11 @@
 """The actor-learner system on the session's local Ray cluster, with the tiny model."""
 import json
+import os
+import signal
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -148,6 +151,52 @@ def test_dead_rollout_worker_is_replaced_and_its_chunks_resampled(ray_config, tm
     assert second["chunks_resampled"] >= 1
     assert second["images"] == first["images"] == 2 * 4  # no group lost, none zero-filled
     assert versions == [2, 2]
+
+
+class KillsOneScoringCall:
+    """Stands in for a reward worker's handle. Its `nth` score call is in flight in the
+    worker's process when that process is SIGKILLed: the process is stopped (SIGSTOP)
+    before the call is sent, so the call cannot finish first."""
+
+    def __init__(self, handle, nth):
+        self.handle, self.nth, self.calls, self.killed_pid = handle, nth, 0, None
+        self.score = SimpleNamespace(remote=self._score)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def pid(self):
+        return ray.get(self.handle.__ray_call__.remote(lambda worker: os.getpid()))
+
+    def _score(self, *args):
+        self.calls += 1
+        if self.calls != self.nth:
+            return self.handle.score.remote(*args)
+        self.killed_pid = self.pid()
+        os.kill(self.killed_pid, signal.SIGSTOP)
+        ref = self.handle.score.remote(*args)
+        time.sleep(0.5)  # the call reaches the stopped process
+        os.kill(self.killed_pid, signal.SIGKILL)
+        return ref
+
+
+def test_dead_reward_worker_scores_the_intact_batch_again(ray_config, tmp_path):
+    trainer = SyncTrainer(ray_config("run.iterations=3", "run.checkpoint_every=0"), tmp_path / "run")
+    trainer.start()
+    killer = KillsOneScoringCall(trainer.rewards[0], nth=3)  # iteration 1's first chunk (2 chunks an iteration)
+    trainer.rewards = [killer]
+    try:
+        history = trainer.train()
+        restarted_pid = killer.pid()
+    finally:
+        trainer.rewards = [killer.handle]
+        trainer.stop()
+    assert killer.killed_pid is not None and restarted_pid != killer.killed_pid
+    # the chunks sent to the dead worker (the one it was scoring, and one queued there) are scored again
+    assert [h["chunks_rescored"] > 0 for h in history] == [False, True, False]
+    assert [h["chunks_resampled"] for h in history] == [0.0, 0.0, 0.0]  # nothing sampled twice
+    log = pq.read_table(tmp_path / "run" / "rollouts")
+    assert groups_logged(log) == {(it, group): 4 for it in range(3) for group in (2 * it, 2 * it + 1)}
 
 
 def test_async_mode_samples_while_the_learner_updates(ray_config, tmp_path):
