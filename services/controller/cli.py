@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from services.controller import loopback
 from services.controller.preflight import REPO_ROOT
 
 DEFAULT_CONFIG = REPO_ROOT / "deploy" / "configs" / "tiny_cpu.yaml"
@@ -53,6 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory", type=Path)
     tiny.add_argument("--preset", choices=["s", "m"], default="s", help="s: 2 layers (fast), m: 4 layers")
     tiny.add_argument("--seed", type=int, default=0)
+
+    toy = sub.add_parser("pretrain-toy", help="pretrain the toy-world model on the CPU",
+                         description="Pretrain the tiny SD3.5-architecture model on the toy world's scenes "
+                                     "(common/toy_world.py) with flow matching, on the CPU, and save it as a "
+                                     "diffusers pipeline in OUT_DIR. The defaults made the shipped common/toy_model "
+                                     "(about half an hour on one core); the same seed and threads give the same model.")
+    toy.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    toy.add_argument("--steps", type=int, default=2500, help="optimizer steps of 64 scenes (default 2500)")
+    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--threads", type=int, default=1,
+                     help="torch threads (default 1; results depend on it, as on the seed)")
 
     prompts = sub.add_parser("make-prompts", help="generate GenEval-style training prompts",
                              description="Write GenEval-style training metadata (JSONL, the format of GenEval's "
@@ -208,8 +220,25 @@ def _make_prompts(args) -> int:
     return 0
 
 
+def _pretrain_toy(args) -> int:
+    import torch
+
+    from common.toy_pretrain import PretrainConfig, pretrain
+
+    if args.steps < 1 or args.threads < 1:
+        print("flowgrpo: error: --steps and --threads must be at least 1", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    record = pretrain(args.out_dir, PretrainConfig(steps=args.steps, seed=args.seed))
+    print(f"flowgrpo: toy model saved in {args.out_dir} after {args.steps} steps, loss {record['final_loss']:.4f}, "
+          f"{record['seconds'] / 60:.1f} min")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if hasattr(args, "address") and loopback.starts_local_cluster(args.address):
+        loopback.prepare()  # before anything imports Ray: the cluster it starts then listens on 127.0.0.1 only
     from common.models import quiet_libraries
 
     quiet_libraries()
@@ -229,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "make-prompts":
             return _make_prompts(args)
+        if args.command == "pretrain-toy":
+            return _pretrain_toy(args)
         if args.command == "eval":
             return _eval(args)
         if args.command == "serve-reward":

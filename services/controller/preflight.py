@@ -30,6 +30,8 @@ def prepare(config: Config) -> Config:
 
     model = config.model
     path = Path(model.path).expanduser()
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path / "model_index.json").is_file():
+        path = REPO_ROOT / path  # a model shipped in the repository (common/toy_model)
     if model.tiny_preset is not None:
         if not tiny_model_is_current(path, model.tiny_preset):
             print(f"flowgrpo: building the tiny '{model.tiny_preset}' model in {path}")
