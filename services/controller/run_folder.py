@@ -132,7 +132,7 @@ def resume_point(path: str | os.PathLike) -> int:
         raise RunFolderError(f"--resume {path}: no such folder; give the folder of an earlier run")
     if not is_run(path):
         raise RunFolderError(f"--resume {path}: not a run folder (no config.yaml written by flowgrpo train); "
-                             f"start a new run there with --run-dir {path}")
+                             "give the folder of an earlier run")
     checkpoint = latest_checkpoint(path)
     if checkpoint is None:
         raise RunFolderError(f"--resume {path}: the run has no checkpoint yet (see run.checkpoint_every in its "
