@@ -7,6 +7,7 @@ Ray actors, so everything about placement lives here.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import ray
@@ -14,13 +15,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from common.config import Config, ConfigError
-
-LOOPBACK_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every Ray socket listens on 127.0.0.1
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
-
+from services.controller import loopback
 
 # Actors import transformers at start-up; keep its import-time notes (PIL fallbacks
 # without torchvision) out of every worker's log.
@@ -28,17 +23,23 @@ WORKER_RUNTIME_ENV = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}}
 
 
 def connect(address: str | None = None) -> bool:
-    """Join the cluster at `address` (or $RAY_ADDRESS, as `ray job submit` sets it), reuse
-    a Ray already initialised in this process, or start a local one on loopback.
-    Returns True when the caller owns the connection and must `ray.shutdown()` it."""
+    """Join the cluster at `address` (or $RAY_ADDRESS, as `ray job submit` sets it), with
+    its own settings; reuse a Ray already initialised in this process; or start a local
+    one on loopback (services/controller/loopback.py), whose token auth is turned off
+    only when loopback is guaranteed. Returns True when the caller owns the connection
+    and must `ray.shutdown()` it."""
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=WORKER_RUNTIME_ENV)
+    if not loopback.starts_local_cluster(address):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=WORKER_RUNTIME_ENV)
         return True
-    for key, value in LOOPBACK_ENV.items():
-        os.environ.setdefault(key, value)
+    loopback.prepare()
+    if loopback.guaranteed():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # reachable from this machine only
+    else:
+        print("flowgrpo: Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set, so this local "
+              "cluster may listen on every interface, and Ray's token auth is left on (unless RAY_AUTH_MODE=disabled); "
+              "run `flowgrpo train`, or export the variable before Python starts", file=sys.stderr)
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
              runtime_env=WORKER_RUNTIME_ENV)
     return True
