@@ -6,7 +6,9 @@ Ray actors, so everything about placement lives here.
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -20,6 +22,7 @@ from services.controller import loopback
 # Actors import transformers at start-up; keep its import-time notes (PIL fallbacks
 # without torchvision) out of every worker's log.
 WORKER_RUNTIME_ENV = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}}
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def connect(address: str | None = None) -> bool:
@@ -28,6 +31,7 @@ def connect(address: str | None = None) -> bool:
     one on loopback (services/controller/loopback.py), whose token auth is turned off
     only when loopback is guaranteed. Returns True when the caller owns the connection
     and must `ray.shutdown()` it."""
+    plain_ray_logs()
     if ray.is_initialized():
         return False
     if not loopback.starts_local_cluster(address):
@@ -43,6 +47,25 @@ def connect(address: str | None = None) -> bool:
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
              runtime_env=WORKER_RUNTIME_ENV)
     return True
+
+
+class _StripAnsi(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = _ANSI.sub("", record.getMessage()), None
+        return True
+
+
+def plain_ray_logs(stream=None) -> None:
+    """No colour codes from Ray when `stream` (stderr) is not a terminal, so log files
+    stay plain text: Ray colours the dashboard address in its start-up line and the
+    `(Worker pid=...)` prefix of worker lines unless RAY_COLOR_PREFIX=0."""
+    stream = sys.stderr if stream is None else stream
+    if stream.isatty():
+        return
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    logger = logging.getLogger("ray._private.worker")
+    if not any(isinstance(f, _StripAnsi) for f in logger.filters):
+        logger.addFilter(_StripAnsi())
 
 
 def _bundle(num_cpus: float, num_gpus: float) -> dict[str, float]:

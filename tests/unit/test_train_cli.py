@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from common.config import dump_config
-from services.controller import cli, job
+from services.controller import cli, cluster, job
 from services.controller.run_folder import RunFolder, RunFolderError, check_new_run_dir, resume_point
 
 PROMPTS = Path(__file__).resolve().parents[1] / "fixtures" / "prompts" / "pickscore.txt"
@@ -165,7 +165,7 @@ def test_ray_logs_carry_no_colour_codes_into_a_file(monkeypatch):
     handler = logging.StreamHandler(captured)
     logger.addHandler(handler)
     try:
-        job.plain_ray_logs(io.StringIO())  # stderr redirected to a file: not a terminal
+        cluster.plain_ray_logs(io.StringIO())  # stderr redirected to a file: not a terminal
         logger.warning("Started a local Ray instance. View the dashboard at %s%s%s %s%s",
                        "\x1b[1m", "\x1b[32m", "http://127.0.0.1:8265", "\x1b[39m", "\x1b[22m")
     finally:
@@ -183,7 +183,7 @@ def test_a_terminal_keeps_rays_colours(monkeypatch):
     logger = logging.getLogger("ray._private.worker")
     monkeypatch.setattr(logger, "filters", list(logger.filters))
     before = list(logger.filters)
-    job.plain_ray_logs(Terminal())
+    cluster.plain_ray_logs(Terminal())
     assert "RAY_COLOR_PREFIX" not in os.environ and logger.filters == before
 
 
