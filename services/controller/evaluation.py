@@ -44,19 +44,18 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
 from ray.exceptions import RayActorError, RayTaskError
 
 from common import wire
 from common.config import Config, RunConfig
 from common.lora import LoraWeights, pack_lora
 from common.prompts import GENEVAL_TAGS, PromptRecord, load_prompts, resolve_prompt_path
-from services.controller.run_folder import RunFolder
+from services.controller.run_folder import COMPLETE, RunFolder, latest_checkpoint
+from services.learner import state as learner_state
 from services.reward.pickscore import SCALE as PICKSCORE_SCALE
 
 GRID_IMAGES = 16
 CHUNK_RETRIES = 3
-LEARNER_STATE = "learner.pt"  # what SyncTrainer.checkpoint writes (the learner's state_dict)
 
 
 # ---------------------------------------------------------------- what is evaluated
@@ -201,8 +200,8 @@ def _sample_and_score(config: Config, records: Sequence[PromptRecord], rollouts:
     while pending or scoring:
         ready, _ = ray.wait(list(pending) + list(scoring), num_returns=1, timeout=timeout)
         if not ready:
-            raise TimeoutError(f"evaluation: no batch finished within {timeout:g} s (rollout.timeout_s + reward.timeout_s "
-                               "x (reward.retries + 1)); see the worker logs")
+            raise TimeoutError(f"evaluation: no batch finished within {timeout:g} s (rollout.timeout_s + "
+                               "reward.timeout_s x (reward.retries + 1)); see the worker logs")
         ref = ready[0]
         if ref in pending:  # sampled: to a reward worker by reference, never through the driver
             chunk = pending.pop(ref)
@@ -250,23 +249,27 @@ def _grid(rows: pa.Table, images: np.ndarray, keys: list[tuple[int, int]]):
 # ---------------------------------------------------------------- flowgrpo eval
 
 def find_checkpoint(run_dir: Path, iteration: int | None) -> Path:
-    """RUN_DIR/checkpoints/iter_N holding the learner's state: the latest, or that of `iteration`."""
-    found = {int(p.name[len("iter_"):]): p for p in (Path(run_dir) / "checkpoints").glob("iter_*")
-             if p.name[len("iter_"):].isdigit() and (p / LEARNER_STATE).is_file()}
-    if not found:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint in {Path(run_dir) / 'checkpoints'}; evaluate a run "
-                                "folder that has one, or the base model with --base")
+    """RUN_DIR/checkpoints/iter_N: the latest complete one, or that of `iteration`."""
     if iteration is None:
-        return found[max(found)]
-    if iteration not in found:
-        raise FileNotFoundError(f"--checkpoint {iteration}: {run_dir} has checkpoints of iterations "
-                                f"{', '.join(map(str, sorted(found)))}")
-    return found[iteration]
+        directory = latest_checkpoint(run_dir)
+        if directory is None:
+            raise FileNotFoundError(f"{run_dir}: no complete checkpoint in {Path(run_dir) / 'checkpoints'}; evaluate "
+                                    "a run folder that has one, or the base model with --base")
+        return directory
+    directory = Path(run_dir) / "checkpoints" / f"iter_{iteration:06d}"
+    if not (directory / COMPLETE).is_file():
+        found = sorted(p.name for p in (Path(run_dir) / "checkpoints").glob("iter_*") if (p / COMPLETE).is_file())
+        raise FileNotFoundError(f"--checkpoint {iteration}: {run_dir} has no complete checkpoint of that iteration "
+                                f"(it has: {', '.join(found) or 'none'})")
+    return directory
 
 
 def checkpoint_state(directory: Path) -> dict:
-    """The learner's state dict as SyncTrainer.checkpoint saved it."""
-    return torch.load(directory / LEARNER_STATE, map_location="cpu", weights_only=False)
+    """The learner's state dict (Learner.state_dict, unpacked) as SyncTrainer.checkpoint saved it."""
+    from services.controller.trainer import LEARNER_META, LEARNER_TENSORS  # the trainer imports this module
+
+    return learner_state.unpack((directory / LEARNER_TENSORS).read_bytes(),
+                                json.loads((directory / LEARNER_META).read_text()))
 
 
 def ema_lora(state: dict, names: Sequence[str]) -> LoraWeights:

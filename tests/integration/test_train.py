@@ -231,9 +231,3 @@ def test_ctrl_c_stops_every_worker(ray_config, tmp_path, monkeypatch):
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == total  # every actor and placement group is gone
     assert not (tmp_path / "run").exists()  # nothing was logged: nothing is kept
-
-
-def test_evaluation_scores_ode_samples(ray_config, tmp_path):
-    history = train(ray_config("run.iterations=1", "run.eval_every=1", "run.eval_prompts=3"), tmp_path / "run")
-    assert 0.0 < history[0]["eval/reward/brightness/mean"] < 1.0
-    assert history[0]["eval/groups_failed"] == 0.0

@@ -44,7 +44,8 @@ def _scored_rows(n_per_tag=3):
     details = [json.dumps({"geneval": {"tag": t, "correct": bool(c), "strict": bool(c and i % 2), "score": g},
                            "ocr": {"text": "abc", "target": "abd"}})
                for i, (t, c, g) in enumerate(zip(tags, correct, geneval))]
-    rewards = pa.StructArray.from_arrays([pa.array(geneval), pa.array(ocr), pa.array(pick)], ["geneval", "ocr", "pickscore"])
+    rewards = pa.StructArray.from_arrays([pa.array(geneval), pa.array(ocr), pa.array(pick)],
+                                         ["geneval", "ocr", "pickscore"])
     table = pa.table({"prompt": [f"p{i}" for i in range(n)], "prompt_index": np.arange(n), "seed": np.arange(n) + 100,
                       "rewards": rewards, "reward": geneval, "details": details})
     return table, tags, correct, ocr, pick
@@ -73,7 +74,8 @@ def test_test_prompts_are_the_distinct_ones_in_file_order(tiny_config, tmp_path)
     config = tiny_config(f"prompts.eval={path}", "prompts.format=geneval", f"prompts.train={path}")
     assert [r.prompt for r in evaluation.eval_records(config)] == ["a photo of a bowl", "a photo of a cat",
                                                                    "a photo of a dog"]
-    limited = tiny_config(f"prompts.eval={path}", "prompts.format=geneval", f"prompts.train={path}", "run.eval_prompts=2")
+    limited = tiny_config(f"prompts.eval={path}", "prompts.format=geneval", f"prompts.train={path}",
+                          "run.eval_prompts=2")
     assert len(evaluation.eval_records(limited)) == 2
 
 
