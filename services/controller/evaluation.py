@@ -106,8 +106,6 @@ def summarize(rows: pa.Table, groups_failed: int, per_prompt: int) -> dict[str, 
     out: dict[str, float] = {"images": float(rows.num_rows),
                              "prompts": float(len(set(rows.column("prompt_index").to_pylist()))),
                              "groups_failed": float(groups_failed), "images_failed": float(groups_failed * per_prompt)}
-    if not rows.num_rows:
-        return out
     rewards = rows.column("rewards").combine_chunks()
     for field in rewards.type:
         values = rewards.field(field.name).to_numpy(zero_copy_only=False)
@@ -123,8 +121,8 @@ def geneval_summary(verdicts: Sequence[dict]) -> dict[str, float]:
     """GenEval's summary of per-image verdicts ({tag, correct, strict, ...}): each tag's
     accuracy (the mean of `correct` over its images), `overall` the mean of the tags'
     accuracies (GenEval's summary_scores: tasks weigh equally, whatever their image
-    counts), and `strict` the mean of `strict` over all images. A tag without images is
-    left out of both."""
+    counts), and `strict` the mean of `strict` over all images. A tag without images
+    has no key and no part in `overall`."""
     by_tag: dict[str, list[bool]] = {}
     for v in verdicts:
         by_tag.setdefault(v["tag"], []).append(bool(v["correct"]))
@@ -156,7 +154,7 @@ def evaluate(config: Config, records: Sequence[PromptRecord], rollouts: list, re
         raise RuntimeError(f"evaluation: the rollout workers hold different LoRA versions {versions}")
     version = versions[0]
     rows, failures, grid = _sample_and_score(config, records, rollouts, rewards, weights)
-    bad = sorted(set(rows.column("policy_version").to_pylist()) - {version}) if rows.num_rows else []
+    bad = sorted(set(rows.column("policy_version").to_pylist()) - {version})
     if bad:
         raise RuntimeError(f"evaluation: images of LoRA version(s) {bad} among version {version}'s "
                            "(a rollout worker restarted with other weights); evaluate again")
@@ -222,7 +220,7 @@ def _sample_and_score(config: Config, records: Sequence[PromptRecord], rollouts:
         failures.extend(failed)
         if chunk.prompts[0] in grid_chunks:
             grid_refs.append((chunk.prompts[0], batch_ref))
-    if not scored:
+    if not sum(batch.num_rows for _, batch in scored):
         raise RuntimeError(f"evaluation: every test prompt failed scoring ({len(failures)} failures, e.g. "
                            f"{failures[:1]}); see the reward worker logs")
     rows = wire.concat([batch for _, batch in sorted(scored, key=lambda item: item[0])])

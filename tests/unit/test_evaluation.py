@@ -151,3 +151,16 @@ def test_run_folder_keeps_an_evaluation(tmp_path):
     assert (tmp_path / "eval" / "iter_000005.png").is_file() and (tmp_path / "eval" / "iter_000005_tags.png").is_file()
     assert [(r["iteration"], r["images"]) for r in folder.read_eval()] == [(0, metrics["images"]), (5, 1.0)]
     assert (tmp_path / "tensorboard").is_dir()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["eval"], "RUN_DIR"),
+    (["eval", "--base", "--checkpoint", "3"], "--checkpoint"),
+    (["eval", "runs/x", "--config", "c.yaml"], "--config"),
+])
+def test_eval_command_refuses_what_does_not_fit_before_starting_anything(argv, flag, capsys):
+    from services.controller.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flowgrpo: error: ") and flag in err and len(err.strip().splitlines()) == 1
