@@ -15,7 +15,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -163,13 +162,14 @@ def _autocast_forward(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def build_tiny_pipeline(preset: "str | TinyPreset" = "s", seed: int = 0, workdir: str | Path | None = None,
-                        words: Sequence[str] = _TOKENIZER_CORPUS):
+                        tokenizers: tuple[Path, Path] | None = None):
     """A tiny SD3.5-architecture pipeline, built offline: random transformer and text
     encoders, and a VAE decoder set to a per-pixel latent-to-RGB map (see
     `_latent_preview_decoder`) so that image rewards can be learned on the CPU.
 
-    Deterministic for (preset, seed). Tokenizers are trained on `words` (a small
-    built-in corpus by default) and written to `workdir` (a temporary directory when None)."""
+    Deterministic for (preset, seed). Tokenizers are trained on a small built-in
+    corpus and written to `workdir` (a temporary directory when None), unless
+    `tokenizers` names the directories of a CLIP and a T5 tokenizer to use instead."""
     import tempfile
 
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
@@ -181,7 +181,7 @@ def build_tiny_pipeline(preset: "str | TinyPreset" = "s", seed: int = 0, workdir
         raise ValueError(f"model.tiny_preset: unknown preset {preset!r}; choose one of {sorted(TINY_PRESETS)}")
     p = preset if isinstance(preset, TinyPreset) else TINY_PRESETS[preset]
     workdir = Path(workdir or tempfile.mkdtemp(prefix="flowgrpo-tok-"))
-    clip_dir, t5_dir = _train_tokenizers(workdir, words)
+    clip_dir, t5_dir = tokenizers or _train_tokenizers(workdir)
     clip_tok = CLIPTokenizer.from_pretrained(clip_dir, model_max_length=p.clip_tokens)
     t5_tok = T5TokenizerFast.from_pretrained(t5_dir, model_max_length=512)
 
@@ -308,15 +308,15 @@ def tiny_model_is_current(directory: str | Path, preset: str, seed: int = 0) -> 
     return json.loads(marker.read_text()) == {"preset": preset, "seed": seed, "builder": TINY_BUILDER}
 
 
-def _train_tokenizers(workdir: Path, words: Sequence[str] = _TOKENIZER_CORPUS) -> tuple[Path, Path]:
+def _train_tokenizers(workdir: Path) -> tuple[Path, Path]:
     """Train a byte-level BPE (CLIP style, every byte in the vocabulary, `</w>` word
-    ends) and a Unigram model (T5 style: <pad>=0, </s>=1, <unk>=2) on `words`."""
+    ends) and a Unigram model (T5 style: <pad>=0, </s>=1, <unk>=2) on the corpus."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     clip_dir, t5_dir = workdir / "clip", workdir / "t5"
     clip_dir.mkdir(parents=True, exist_ok=True)
     t5_dir.mkdir(parents=True, exist_ok=True)
-    corpus = [" ".join(words)] * 4
+    corpus = [" ".join(_TOKENIZER_CORPUS)] * 4
 
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Lowercase()

@@ -4,9 +4,8 @@ flow-matching objective, on the CPU, so that Flow-GRPO has a prompt-following bu
 imperfect base model to improve.
 
 The pipeline
-  - text encoders and tokenizers: the tiny ones of common.models (two CLIP with
-    projection and a T5, preset "m"), tokenizers trained on the toy world's words so
-    that each word is one token; random and frozen. CLIP's learned absolute position
+  - text encoders: the tiny ones of common.models (two CLIP with projection and a T5),
+    random and frozen; tokenizers in which each toy word is one token. CLIP's learned absolute position
     embeddings tell the transformer which word came where (colour binding, left/right).
   - transformer: SD3Transformer2DModel, 4 layers of 4 heads x 32, dual attention in the
     first and RMS qk-norm (SD3.5's), patch 2 on a 16 x 16 latent: 64 image tokens.
@@ -43,10 +42,10 @@ from common.toy_world import BACKGROUND, GRID, PALETTE, all_prompts, cell_colors
 
 MARKER = "flowgrpo_toy.json"
 LATENT_CHANNELS = 16
-MAX_SEQUENCE_LENGTH = 32      # T5 tokens: the longest toy prompt takes 25
-# The text side of the tiny pipeline (its transformer and VAE sizes are replaced here):
-# a CLIP context of 24 tokens holds the longest toy prompt (21 with its start and end).
-TEXT_PRESET = TinyPreset(layers=4, heads=4, head_dim=32, clip_hidden=32, vae_channels=8, clip_tokens=24)
+MAX_SEQUENCE_LENGTH = 16      # T5 tokens: the longest toy prompt takes 11 (one a word, and </s>)
+# The text side of the tiny pipeline (its transformer and VAE are replaced here): CLIP's
+# context of 16 tokens holds the longest toy prompt (12 with its start and end).
+TEXT_PRESET = TinyPreset(layers=4, heads=4, head_dim=32, clip_hidden=32, vae_channels=8, clip_tokens=16)
 EMA_DECAY = 0.999
 PIXEL_GAIN = 4.0       # decoder output gain: palette latents of norm 4 or less
 
@@ -67,6 +66,58 @@ def toy_words() -> list[str]:
     return sorted({w for p in all_prompts() for w in p["prompt"].split()})
 
 
+def _bpe_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges (CLIP style, `</w>` ends the word) until every word is one symbol:
+    always the most frequent adjacent pair, ties broken by the pair's spelling, so the
+    result is the same on every run (the tokenizers library breaks ties in hash order)."""
+    symbols = [list(w[:-1]) + [w[-1] + "</w>"] for w in words]
+    merges = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for word in symbols:
+            for pair in zip(word, word[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for i, word in enumerate(symbols):
+            out, j = [], 0
+            while j < len(word):
+                if j + 1 < len(word) and (word[j], word[j + 1]) == best:
+                    out.append(word[j] + word[j + 1])
+                    j += 2
+                else:
+                    out.append(word[j])
+                    j += 1
+            symbols[i] = out
+
+
+def write_toy_tokenizers(workdir: Path) -> tuple[Path, Path]:
+    """A CLIP tokenizer (byte-level BPE) and a T5 tokenizer (Unigram) in which every toy
+    word is one token, built without training so that they are the same on every run."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    words = toy_words()
+    clip_dir, t5_dir = workdir / "clip", workdir / "t5"
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = _bpe_merges(words)
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens + ["<|startoftext|>", "<|endoftext|>"]))}
+    CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_PRESET.clip_tokens).save_pretrained(clip_dir)
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -5.0)]
+    pieces += [("\u2581" + w, -1.0) for w in words] + [(c, -10.0) for c in sorted(set("".join(words)))]
+    unigram = Tokenizer(models.Unigram(pieces, unk_id=2))
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.decoder = decoders.Metaspace()
+    t5_dir.mkdir(parents=True, exist_ok=True)
+    unigram.save(str(t5_dir / "tokenizer.json"))
+    T5TokenizerFast.from_pretrained(t5_dir).save_pretrained(t5_dir)
+    return clip_dir, t5_dir
+
+
 def build_toy_pipeline(seed: int = 0):
     """The untrained toy pipeline (module doc), deterministic for `seed`."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -74,7 +125,7 @@ def build_toy_pipeline(seed: int = 0):
     from common.models import _latent_preview_decoder, build_tiny_pipeline
 
     with tempfile.TemporaryDirectory(prefix="flowgrpo-toy-tok-") as tmp:
-        pipe = build_tiny_pipeline(TEXT_PRESET, seed, workdir=tmp, words=toy_words())
+        pipe = build_tiny_pipeline(TEXT_PRESET, seed, workdir=tmp, tokenizers=write_toy_tokenizers(Path(tmp)))
     text_dim = 2 * TEXT_PRESET.clip_hidden
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
@@ -215,7 +266,8 @@ def _save(pipe, ema: list[torch.Tensor], out_dir: str | Path, config: PretrainCo
             p.copy_(average)
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir)
-    record = {"config": asdict(config), "steps_done": steps, "final_loss": float(np.mean(losses[-100:])),
+    record = {"config": asdict(config), "steps_done": steps, "first_loss": losses[0],
+              "final_loss": float(np.mean(losses[-100:])),
               "seconds": round(time.time() - started, 1), "threads": torch.get_num_threads(),
               "max_sequence_length": MAX_SEQUENCE_LENGTH}
     (out_dir / MARKER).write_text(json.dumps(record, indent=1) + "\n")

@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     toy.add_argument("--seed", type=int, default=0)
     toy.add_argument("--threads", type=int, default=1,
                      help="torch threads (default 1; results depend on it, as on the seed)")
+    toy.add_argument("--save-every", type=int, default=0, metavar="STEPS",
+                     help="also save the model every STEPS steps, to look at it while it trains (default: at the end)")
 
     prompts = sub.add_parser("make-prompts", help="generate GenEval-style training prompts",
                              description="Write GenEval-style training metadata (JSONL, the format of GenEval's "
@@ -229,7 +231,7 @@ def _pretrain_toy(args) -> int:
         print("flowgrpo: error: --steps and --threads must be at least 1", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    record = pretrain(args.out_dir, PretrainConfig(steps=args.steps, seed=args.seed))
+    record = pretrain(args.out_dir, PretrainConfig(steps=args.steps, seed=args.seed, save_every=args.save_every))
     print(f"flowgrpo: toy model saved in {args.out_dir} after {args.steps} steps, loss {record['final_loss']:.4f}, "
           f"{record['seconds'] / 60:.1f} min")
     return 0
