@@ -186,3 +186,16 @@ def test_configs_named_in_deploy_exist():
     assert named
     for name in named:
         assert (REPO / name).is_file(), name
+
+
+def test_the_readme_describes_the_tiny_config_as_it_is():
+    """The README's first run and the tiny config's header tell the same run: its
+    iterations, images per iteration and measured seconds of training."""
+    readme = (REPO / "README.md").read_text()
+    header = (DEPLOY / "configs" / "tiny_cpu.yaml").read_text()
+    c = load_config(DEPLOY / "configs" / "tiny_cpu.yaml")
+    m = re.search(r"trains (\d+) iterations of (\d+) images", readme)
+    assert m and (int(m.group(1)), int(m.group(2))) == (c.run.iterations, c.sample.group_size * c.sample.prompts_per_iteration)
+    readme_seconds = re.search(r"\((\d+) s of\s+training", readme)
+    header_seconds = re.search(r"\((\d+) s of training\)", header)
+    assert readme_seconds and header_seconds and readme_seconds.group(1) == header_seconds.group(1)
