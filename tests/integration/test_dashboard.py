@@ -25,7 +25,7 @@ def _scrape(port: int) -> dict[tuple[str, str], float]:
     for line in text.splitlines():
         if m := _SAMPLE.match(line):
             tags = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
-            key = next((tags[k] for k in ("phase", "worker", "reward", "queue") if k in tags), "")
+            key = next((tags[k] for k in ("phase", "worker", "reward", "queue", "metric") if k in tags), "")
             samples[(m.group(1), key)] = float(m.group(3))
     return samples
 
@@ -54,6 +54,7 @@ def test_gauges_are_exported_with_their_tags_and_kept_alive(metrics_port):
     dashboard.set_images_per_second(12.5)
     dashboard.set_reward_means({"ocr": 0.75, "total": 0.5})
     dashboard.set_queue_depth("reward", 3)
+    dashboard.set_eval({"geneval/overall": 0.63, "ocr/accuracy": 0.59})
     expected = {
         ("flowgrpo_phase", "rollout"): 0.0, ("flowgrpo_phase", "learn"): 1.0,
         ("flowgrpo_iteration", ""): 7.0,
@@ -61,6 +62,7 @@ def test_gauges_are_exported_with_their_tags_and_kept_alive(metrics_port):
         ("flowgrpo_images_per_second", ""): 12.5,
         ("flowgrpo_reward_mean", "ocr"): 0.75, ("flowgrpo_reward_mean", "total"): 0.5,
         ("flowgrpo_queue_depth", "reward"): 3.0,
+        ("flowgrpo_eval", "geneval/overall"): 0.63, ("flowgrpo_eval", "ocr/accuracy"): 0.59,
     }
     assert _wait_for(metrics_port, expected) == expected
 
