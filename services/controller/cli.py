@@ -99,10 +99,11 @@ def _parser() -> argparse.ArgumentParser:
                           help="a run folder: evaluates the EMA LoRA of its latest checkpoint, with its config.yaml")
     evaluate.add_argument("--checkpoint", type=int, metavar="N", help="the checkpoint of iteration N instead")
     evaluate.add_argument("--base", action="store_true",
-                          help="the base model (LoRA at zero), written as iteration 0: the row before training")
+                          help="the base model (LoRA at zero), written as iteration 0: the row before training "
+                               "(with RUN_DIR: with that run's config, into RUN_DIR)")
     evaluate.add_argument("--config", type=Path, help="with --base and no RUN_DIR: YAML config (default: the tiny one)")
-    evaluate.add_argument("--run-dir", type=Path, help="with --base and no RUN_DIR: where to write "
-                                                       "(default: runs/<run.name>-base-<time>)")
+    evaluate.add_argument("--run-dir", type=Path, metavar="OUT", help="with --base and no RUN_DIR: where to write "
+                                                                      "(default: runs/<run.name>-base-<time>)")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a config value, e.g. run.eval_prompts=64 or rollout.num_workers=8")
     evaluate.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local cluster)")
