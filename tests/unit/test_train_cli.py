@@ -55,6 +55,14 @@ def jobs(monkeypatch):
     return calls
 
 
+def _raising(error: BaseException):
+    """A Ray job that ends in `error` (Ctrl-C, a worker that died)."""
+    def train(config, run_dir, resume=False, address=None):
+        raise error
+
+    return train
+
+
 def _snapshot(run: Path) -> dict:
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
@@ -138,10 +146,7 @@ def test_resume_takes_no_other_config_or_folder(finished_run, config_file, jobs,
 
 
 def test_ctrl_c_ends_with_how_to_go_on(finished_run, monkeypatch, capsys):
-    def interrupted(config, run_dir, resume=False, address=None):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(job, "train", interrupted)
+    monkeypatch.setattr(job, "train", _raising(KeyboardInterrupt()))
     assert cli.main(["train", "--resume", str(finished_run), "--set", "run.iterations=4"]) == 130
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == (f"flowgrpo: interrupted; continue from iteration 2 with "
@@ -150,7 +155,7 @@ def test_ctrl_c_ends_with_how_to_go_on(finished_run, monkeypatch, capsys):
 
 
 def test_ctrl_c_before_the_first_iteration_says_nothing_was_kept(config_file, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(job, "train", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(job, "train", _raising(KeyboardInterrupt()))
     run = tmp_path / "new-run"
     assert cli.main(["train", "--config", str(config_file), "--run-dir", str(run)]) == 130
     assert capsys.readouterr().err.splitlines()[-1] == (
@@ -194,12 +199,12 @@ def test_a_user_error_in_a_starting_worker_is_one_plain_line(config_file, tmp_pa
         "The actor died because of an error raised in its creation task, ray::Learner.__init__() (pid=2211, "
         "ip=127.0.0.1)\n  File \"services/learner/learner.py\", line 47, in __init__\n"
         "common.lora.LoraLoadError: lora.target_modules: ['no_such_layer'] does not fit SD3Transformer2DModel"))
-    monkeypatch.setattr(job, "train", lambda *a, **k: (_ for _ in ()).throw(died))
+    monkeypatch.setattr(job, "train", _raising(died))
     assert cli.main(["train", "--config", str(config_file), "--run-dir", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "flowgrpo: error: lora.target_modules: ['no_such_layer'] does not fit SD3Transformer2DModel "
         "(raised in a worker as it started)")
     other = RayActorError(error_msg="The actor died unexpectedly before finishing this task.")
-    monkeypatch.setattr(job, "train", lambda *a, **k: (_ for _ in ()).throw(other))
+    monkeypatch.setattr(job, "train", _raising(other))
     with pytest.raises(RayActorError):  # not a user error: the traceback is the report
         cli.main(["train", "--config", str(config_file), "--run-dir", str(tmp_path / "run2")])
