@@ -187,6 +187,7 @@ def _eval(args) -> int:
     from common.config import ConfigError, load_config
     from services.controller.evaluation import run_eval
     from services.controller.preflight import prepare
+    from services.controller.run_folder import is_run
 
     if args.run is None and not args.base:
         raise ConfigError("flowgrpo eval: give RUN_DIR (a run's LoRA) or --base (the base model)")
@@ -197,6 +198,9 @@ def _eval(args) -> int:
             if given:
                 raise ConfigError(f"{flag}: not with RUN_DIR, whose config.yaml is used and where the results go "
                                   "(change values with --set)")
+        if not is_run(args.run):
+            raise ConfigError(f"RUN_DIR {args.run}: not a run folder (no config.yaml of flowgrpo train); give one, "
+                              "or evaluate the base model with --config CFG --base")
         config, run_dir = load_config(args.run / "config.yaml", args.overrides), args.run
     else:
         config = load_config(args.config or DEFAULT_CONFIG, args.overrides)

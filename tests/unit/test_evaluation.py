@@ -157,6 +157,7 @@ def test_run_folder_keeps_an_evaluation(tmp_path):
     (["eval"], "RUN_DIR"),
     (["eval", "--base", "--checkpoint", "3"], "--checkpoint"),
     (["eval", "runs/x", "--config", "c.yaml"], "--config"),
+    (["eval", "/nonexistent/run"], "RUN_DIR /nonexistent/run"),
 ])
 def test_eval_command_refuses_what_does_not_fit_before_starting_anything(argv, flag, capsys):
     from services.controller.cli import main
