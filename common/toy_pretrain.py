@@ -11,7 +11,8 @@ The pipeline
     first and RMS qk-norm (SD3.5's), patch 2 on a 16 x 16 latent: 64 image tokens.
   - VAE: AutoencoderKL with three blocks (factor 4: 64 px images from 16 x 16 latents)
     whose decoder is the per-pixel latent-to-colour map of common.models, with a gain
-    that makes saturated colours reachable. A scene's latent puts at each cell the
+    that makes saturated colours reachable, and a scaling_factor that gives the scenes'
+    latents unit variance. A scene's latent puts at each cell the
     latent that decodes to that cell's colour (`palette_latents`, solved once by Newton
     steps on the real decoder), so rendered scenes are exactly decodable latents.
 
@@ -19,7 +20,8 @@ The objective (SD3, rectified flow): x_t = (1 - t) x_0 + t e with e ~ N(0, I) an
 t = sigmoid(n), n ~ N(0, 1) (logit-normal); the transformer, given t x 1000, predicts
 v = e - x_0; loss = mean (v_pred - v)^2. A tenth of the captions are empty (for
 classifier-free guidance). AdamW with linear warm-up and cosine decay; the weights saved
-are an exponential moving average (EMA_DECAY) of the trained ones.
+are an exponential moving average of the trained ones, with decay
+min((1 + step) / (10 + step), EMA_DECAY) (the learner's EMA warm-up).
 
 Deterministic for a seed at a fixed number of torch threads.
 """
@@ -142,6 +144,8 @@ def build_toy_pipeline(seed: int = 0):
     with torch.no_grad():  # signal channels summing to zero: GroupNorm's mean no longer depends on the image
         mix_in = vae.decoder.conv_in.weight[:-2, :, 1, 1]
         mix_in -= mix_in.mean(dim=0, keepdim=True)
+    vae.register_to_config(scaling_factor=1.0)
+    vae.register_to_config(scaling_factor=1.0 / float(_scene_latent_std(vae)))
     return StableDiffusion3Pipeline(
         transformer=transformer, vae=vae, scheduler=pipe.scheduler,
         text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, text_encoder_2=pipe.text_encoder_2,
@@ -170,6 +174,16 @@ def palette_latents(vae, newton_steps: int = 8) -> torch.Tensor:
     if error > 0.02:
         raise RuntimeError(f"toy VAE: palette colours decode {error:.3f} off (in [-1, 1]); the decoder cannot reach them")
     return z
+
+
+def _scene_latent_std(vae, n: int = 512) -> torch.Tensor:
+    """The standard deviation of the latents of n scenes (fixed draws): the VAE's
+    scaling_factor is its inverse, so that the model sees unit-variance latents as SD3's
+    (a smaller signal left the data buried under the noise at most timesteps)."""
+    rng = np.random.default_rng(0)
+    prompts = all_prompts()
+    scenes = [sample_scene(prompts[int(rng.integers(len(prompts)))], rng) for _ in range(n)]
+    return scene_latents(scenes, palette_latents(vae)).std()
 
 
 def scene_latents(scenes, palette: torch.Tensor) -> torch.Tensor:
@@ -243,9 +257,10 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
+        decay = min((1 + step) / (10 + step), EMA_DECAY)  # warm-up: no lasting weight on the random init
         with torch.no_grad():
             for average, p in zip(ema, model.parameters()):
-                average.lerp_(p, 1 - EMA_DECAY)
+                average.lerp_(p, 1 - decay)
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
