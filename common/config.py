@@ -97,6 +97,7 @@ class TrainConfig:
     ema_decay: float = 0.9
     ema_every: int = 8
     cfg_gradient: Literal["joint", "detached"] = "joint"
+    importance_weight_cap: float = 5.0  # async: the decoupled objective's cap on proximal / behaviour
 
 
 @dataclass
@@ -274,6 +275,7 @@ class Config:
         _check(t.inner_epochs >= 1, "train.inner_epochs", "must be at least 1")
         _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"must lie in [0, 1), got {t.ema_decay}")
         _check(t.ema_every >= 1, "train.ema_every", "must be at least 1")
+        _check(t.importance_weight_cap >= 1, "train.importance_weight_cap", f"must be at least 1, got {t.importance_weight_cap}")
         images = s.group_size * s.prompts_per_iteration
         _check(images >= t.optimizer_steps_per_iteration, "train.optimizer_steps_per_iteration",
                f"exceeds the images per iteration ({images} = sample.group_size x sample.prompts_per_iteration)")

@@ -51,13 +51,18 @@ class PolicyLoss(NamedTuple):
 
 
 def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                        clip_range: float) -> PolicyLoss:
+                        clip_range: float, importance: torch.Tensor | None = None) -> PolicyLoss:
     """PPO's clipped surrogate on one denoising step:
-    mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))), ratio = exp(logp - logp_old)."""
+    mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))), ratio = exp(logp - logp_old).
+
+    With `importance` w (the decoupled objective's truncated ratio between the proximal
+    and the behaviour policy, per sample, no gradient) each sample's term is weighted:
+    mean(w max(...)). Without it the loss is the paper's, untouched."""
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    surrogate = torch.maximum(unclipped, clipped)
+    loss = (surrogate if importance is None else importance.detach() * surrogate).mean()
     with torch.no_grad():
         clip_fraction = ((ratio - 1.0).abs() > clip_range).float().mean()
         approx_kl = 0.5 * ((log_prob - old_log_prob) ** 2).mean()

@@ -10,6 +10,19 @@ steps), with the log-prob recomputed under the current weights:
     kl     = mean((mean_theta - mean_ref)^2 / (2 std_t^2))     reference: LoRA disabled
     loss   = policy + beta kl
 
+On-policy samples (the paper's sync loop) use logp_old = the rollout's log-prob. Samples
+of an older policy version (async mode) use the decoupled objective of AReaL: the ratio
+is taken against the proximal policy, the weights at the start of this update
+(logp_prox, recomputed without gradient), and weighted by the truncated importance
+ratio between proximal and behaviour policy,
+
+    policy = mean(w max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))),
+    ratio = exp(logp_theta - logp_prox),  w = min(exp(logp_prox - logp_behaviour), cap)
+
+so a clip range of 1e-4 clips against the policy being improved, not against a stale
+one (which would put most ratios outside the clip and silence the policy term). With
+no stale sample, logp_prox = logp_behaviour and w = 1: the paper's loss exactly.
+
 Gradients accumulate over the trained steps and the micro-batches of one optimizer
 step; the norm is clipped, AdamW steps, the EMA follows.
 """
@@ -69,43 +82,60 @@ class Learner:
 
     def train(self, data: pa.Table, *rollouts: pa.RecordBatch) -> dict[str, float]:
         """One GRPO update on a scored batch with advantages (no latents) and the rollout
-        batches its rows came from (their latents); bumps the policy version."""
+        batches its rows came from (their latents); bumps the policy version.
+
+        Micro-batches are the rollout's own denoising batches (`forward_batch`), rows in
+        sampling order, cut to `train.micro_batch_size`: with the default sizes the
+        learner's forward is the very forward the rollout ran, so the first step's ratio
+        is 1 in any precision. Their order is shuffled per inner epoch and they are
+        split into `train.optimizer_steps_per_iteration` optimizer steps."""
         start = time.perf_counter()
-        cfg, t = self.config, self.config.train
+        t = self.config.train
         advantages = data.column("advantage").to_numpy()
         keep = np.flatnonzero(advantages != 0)  # zero-std groups carry no signal
         if len(keep) == 0:
             self.version += 1
             return {"samples_trained": 0.0, "learn_seconds": time.perf_counter() - start}
         steps = self.trained_steps
-        latents = torch.from_numpy(wire.join_latents(data, rollouts)[keep, : steps + 1]).to(self.device)
+        latents = torch.from_numpy(wire.join_latents(data, rollouts)[keep, : steps + 1])  # to the device per micro-batch
         data = data.take(pa.array(keep))
-        old_log_probs = torch.tensor(wire.list_column(data, "log_probs")[:, :steps], device=self.device)
-        adv = torch.from_numpy(advantages[keep]).float().to(self.device)
         self._check_timesteps(wire.list_column(data, "timesteps"))
+        behaviour = torch.from_numpy(wire.list_column(data, "log_probs")[:, :steps]).float().to(self.device)
+        adv = torch.from_numpy(advantages[keep]).float().to(self.device)
         prompts = data.column("prompt").to_pylist()
         unique = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-        embeds = encode_prompts(self.pipe, list(unique), cfg.model.max_sequence_length)
+        embeds = encode_prompts(self.pipe, list(unique), self.config.model.max_sequence_length)
         rows = torch.tensor([unique[p] for p in prompts])
+        batches = self._micro_batches(data, rollouts)
+        stale = data.column("policy_version").to_numpy() < self.version
+        # Decoupled objective (module docstring): only samples of an older policy need the
+        # proximal log-probs; on-policy batches use the paper's loss unchanged.
+        proximal, weights = behaviour, None
+        if stale.any():
+            proximal = self._log_probs(latents, embeds.select(rows), batches)
+            weights = torch.exp(proximal - behaviour).clamp(max=t.importance_weight_cap)
 
         # Metrics stay tensors on the device until the end: no GPU sync per step.
         sums: dict[str, torch.Tensor] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
         first_step_ratio_dev = torch.zeros((), device=self.device)
         for epoch in range(t.inner_epochs):
-            order = torch.randperm(len(keep), generator=self.generator)
-            for k, chunk in enumerate(order.tensor_split(t.optimizer_steps_per_iteration)):
-                if len(chunk) == 0:
+            order = torch.randperm(len(batches), generator=self.generator)
+            for k, part in enumerate(order.tensor_split(t.optimizer_steps_per_iteration)):
+                if len(part) == 0:
                     continue
+                step_rows = sum(len(batches[i]) for i in part)
                 self.optimizer.zero_grad(set_to_none=True)
-                for mb in chunk.split(t.micro_batch_size):
-                    weight = len(mb) / len(chunk) / steps
-                    for name, value in self._accumulate(latents[mb], old_log_probs[mb], adv[mb],
-                                                        embeds.select(rows[mb]), weight).items():
+                for i in part.tolist():
+                    mb = batches[i]
+                    metrics = self._accumulate(latents[mb].to(self.device), proximal[mb], adv[mb],
+                                               embeds.select(rows[mb]), None if weights is None else weights[mb],
+                                               len(mb) / step_rows / steps)
+                    for name, value in metrics.items():
                         sums[name] += value
                         counts[name] += 1
-                        if epoch == 0 and k == 0 and name == "ratio_dev":
-                            first_step_ratio_dev = torch.maximum(first_step_ratio_dev, value)
+                    if epoch == 0 and k == 0:
+                        first_step_ratio_dev = torch.maximum(first_step_ratio_dev, metrics["ratio_dev"])
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
                 self.optimizer.step()
                 if self.ema is not None:
@@ -116,30 +146,61 @@ class Learner:
         sums.pop("ratio_dev")
         metrics = {name: float(sums[name]) / counts[name] for name in sums}
         metrics.update(ratio_dev_before_update=float(first_step_ratio_dev), samples_trained=float(len(keep)),
-                       learn_seconds=time.perf_counter() - start)
+                       stale_fraction=float(stale.mean()), learn_seconds=time.perf_counter() - start)
+        if weights is not None:
+            metrics["importance_weight_mean"] = float(weights.mean())
         return metrics
 
-    def _accumulate(self, latents, old_log_probs, adv, cond: PromptEmbeds, weight: float) -> dict[str, torch.Tensor]:
+    def _micro_batches(self, data: pa.Table, rollouts: tuple[pa.RecordBatch, ...]) -> list[torch.Tensor]:
+        """Row indices of `data` per rollout denoising batch (the rollout call it came
+        from and its `forward_batch`), in sampling order, cut to train.micro_batch_size."""
+        call_of = {}
+        for call, batch in enumerate(rollouts):
+            call_of.update(dict.fromkeys(batch.column("prompt_index").to_pylist(), call))
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for row, (key, forward) in enumerate(zip(data.column("prompt_index").to_pylist(),
+                                                 data.column("forward_batch").to_pylist())):
+            groups[(call_of[key], forward)].append(row)
+        size = self.config.train.micro_batch_size
+        return [torch.tensor(rows[i:i + size]) for rows in groups.values() for i in range(0, len(rows), size)]
+
+    @torch.no_grad()
+    def _log_probs(self, latents: torch.Tensor, cond: PromptEmbeds, batches: list[torch.Tensor]) -> torch.Tensor:
+        """log p(x_{j+1} | x_j) of every trained step under the current weights (the
+        proximal policy of the decoupled objective), by the same micro-batches."""
+        out = torch.empty(len(latents), self.trained_steps, device=self.device)
+        for mb in batches:
+            x = latents[mb].to(self.device)
+            for j in range(self.trained_steps):
+                out[mb.to(self.device), j] = self._step(x, j, cond.select(mb)).log_prob
+        return out
+
+    def _step(self, latents: torch.Tensor, j: int, cond: PromptEmbeds, detach_uncond: bool = False):
+        """The SDE step j of `latents` [B, T+1, ...] under the current model, with the
+        log-prob of the stored x_{j+1}."""
+        s = self.config.sample
+        dtype = self.transformer.dtype
+        x, x_next = latents[:, j].to(dtype), latents[:, j + 1].to(dtype)
+        v = guided_velocity(self.transformer, x, self.timesteps[j], cond, self.negative.expand(len(x)),
+                            s.guidance_scale, detach_uncond=detach_uncond)
+        return sde_step_with_logprob(v, x, self.sigmas, j, s.noise_level, prev_sample=x_next)
+
+    def _accumulate(self, latents, old_log_probs, adv, cond: PromptEmbeds, importance: torch.Tensor | None,
+                    weight: float) -> dict[str, torch.Tensor]:
         """Backward the loss of one micro-batch over every trained step, scaled by `weight`;
         return its metrics (means over the steps) as detached tensors."""
-        t, s = self.config.train, self.config.sample
-        uncond = self.negative.expand(len(adv))
-        dtype = self.transformer.dtype
+        t = self.config.train
         n = self.trained_steps
         out: dict[str, torch.Tensor] = defaultdict(float)
         out["ratio_dev"] = torch.zeros((), device=latents.device)
-        for j in range(self.trained_steps):
-            x, x_next = latents[:, j].to(dtype), latents[:, j + 1].to(dtype)
-            v = guided_velocity(self.transformer, x, self.timesteps[j], cond, uncond, s.guidance_scale,
-                                detach_uncond=t.cfg_gradient == "detached")
-            step = sde_step_with_logprob(v, x, self.sigmas, j, s.noise_level, prev_sample=x_next)
-            policy = clipped_policy_loss(step.log_prob, old_log_probs[:, j], adv, t.clip_range)
+        for j in range(n):
+            step = self._step(latents, j, cond, detach_uncond=t.cfg_gradient == "detached")
+            policy = clipped_policy_loss(step.log_prob, old_log_probs[:, j], adv, t.clip_range,
+                                         None if importance is None else importance[:, j])
             loss = policy.loss
             if t.beta > 0:
-                with torch.no_grad(), adapter_disabled(self.transformer):
-                    v_ref = guided_velocity(self.transformer, x, self.timesteps[j], cond, uncond, s.guidance_scale)
-                    ref_mean = sde_step_with_logprob(v_ref, x, self.sigmas, j, s.noise_level,
-                                                     prev_sample=x_next).prev_sample_mean
+                with adapter_disabled(self.transformer), torch.no_grad():
+                    ref_mean = self._step(latents, j, cond).prev_sample_mean
                 kl = kl_to_reference(step.prev_sample_mean, ref_mean, step.std_dev)
                 loss = loss + t.beta * kl
                 out["kl"] += kl.detach() / n
