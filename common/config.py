@@ -215,9 +215,16 @@ class RolloutConfig:
 
 @dataclass
 class LearnerConfig:
+    """The learner: `num_workers` data-parallel ranks (torch.distributed: NCCL on GPUs,
+    gloo on the CPU) in one placement group; one all-reduce of the LoRA gradients per
+    optimizer step makes N ranks take the update one learner would take on the whole
+    batch. `gradient_checkpointing` recomputes the transformer's activations in the
+    backward pass (less memory at SD3.5 scale, about a third more compute)."""
+    num_workers: int = 1
     num_gpus: float = 1.0
     num_cpus: float = 1.0
     timeout_s: float = 1800.0
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -249,6 +256,11 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # `split`: each role on its own GPUs (rollout workers, learner ranks, reward workers);
+    # `colocated`: every GPU hosts one rollout worker and one learner rank, each with its
+    # fraction of the GPU (rollout.num_gpus + learner.num_gpus <= 1); in sync mode the
+    # phases alternate, so every GPU samples and then trains, as the paper's script.
+    placement: Literal["split", "colocated"] = "split"
 
     def validate(self) -> "Config":
         """Cross-field checks; each failure names the field and the fix."""
@@ -318,6 +330,15 @@ class Config:
         _check(rw.retries >= 0, "reward.retries", "must be >= 0")
         _check(rw.timeout_s > 0, "reward.timeout_s", "must be positive")
         _check(self.rollout.num_workers >= 1, "rollout.num_workers", "must be at least 1")
+        _check(self.learner.num_workers >= 1, "learner.num_workers", "must be at least 1")
+        if self.placement == "colocated":
+            _check(self.rollout.num_workers == self.learner.num_workers, "rollout.num_workers",
+                   f"colocated placement puts one rollout worker and one learner rank on each GPU: set it equal to "
+                   f"learner.num_workers ({self.learner.num_workers}), got {self.rollout.num_workers}")
+            share = self.rollout.num_gpus + self.learner.num_gpus
+            _check(share <= 1.0 + 1e-9, "learner.num_gpus",
+                   f"colocated: rollout.num_gpus + learner.num_gpus must fit one GPU (<= 1), got {share:g}; "
+                   "e.g. 0.5 each")
         for section in ("rollout", "learner", "reward"):
             for key in ("num_cpus", "num_gpus"):
                 _check_resource(f"{section}.{key}", getattr(getattr(self, section), key))

@@ -83,7 +83,7 @@ def check_resources(config: Config) -> None:
         key = "num_cpus" if kind == "CPU" else "num_gpus"
         parts = {
             f"rollout.num_workers x rollout.{key}": r.num_workers * getattr(r, key),
-            f"learner.{key}": getattr(lr, key),
+            f"learner.num_workers x learner.{key}": lr.num_workers * getattr(lr, key),
             f"reward.num_workers x reward.{key}": rw.num_workers * getattr(rw, key),
         }
         need = sum(parts.values())
@@ -98,30 +98,45 @@ def check_resources(config: Config) -> None:
 class RolloutHandle:
     name: str
     actor: ray.actor.ActorHandle
-    group: object  # the placement group
+    group: object  # its own placement group; None when it shares the colocated one
 
 
-def start_rollout_worker(worker_cls, config: Config, index: int, timeout_s: float = 120.0) -> RolloutHandle:
+def start_rollout_worker(worker_cls, config: Config, index: int, timeout_s: float = 120.0,
+                         shared_group=None) -> RolloutHandle:
     """One rollout actor in its own placement group of one bundle, so workers can be
-    added or removed one by one. Restarted by Ray when its process dies."""
+    added or removed one by one; with `shared_group` (colocated placement), in bundle
+    `index` of that group, beside learner rank `index`. Restarted by Ray when its
+    process dies."""
     r = config.rollout
-    group = placement_group([_bundle(r.num_cpus, r.num_gpus)], strategy="STRICT_PACK")
-    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
-    if not ready:
-        remove_placement_group(group)
-        raise ConfigError(f"rollout.num_workers: the placement group of rollout worker {index} "
-                          f"({_bundle(r.num_cpus, r.num_gpus)}) was not placed within {timeout_s:g} s")
+    if shared_group is None:
+        group, bundle = placement_group([_bundle(r.num_cpus, r.num_gpus)], strategy="STRICT_PACK"), 0
+        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+        if not ready:
+            remove_placement_group(group)
+            raise ConfigError(f"rollout.num_workers: the placement group of rollout worker {index} "
+                              f"({_bundle(r.num_cpus, r.num_gpus)}) was not placed within {timeout_s:g} s")
+    else:
+        group, bundle = shared_group, index
     name = f"rollout-{index}"
     actor = ray.remote(worker_cls).options(
         num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=-1, max_task_retries=0,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+        scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
     ).remote(config, name)
-    return RolloutHandle(name, actor, group)
+    return RolloutHandle(name, actor, group if shared_group is None else None)
 
 
-def start_learner(learner_cls, config: Config):
-    lr = config.learner
-    return ray.remote(learner_cls).options(num_cpus=lr.num_cpus, num_gpus=lr.num_gpus).remote(config)
+def colocated_group(config: Config, timeout_s: float = 120.0):
+    """Colocated placement: one bundle per GPU holding a rollout worker's and a learner
+    rank's shares (rollout.num_gpus + learner.num_gpus of one GPU, their CPUs)."""
+    r, lr = config.rollout, config.learner
+    bundle = _bundle(r.num_cpus + lr.num_cpus, r.num_gpus + lr.num_gpus)
+    group = placement_group([bundle] * lr.num_workers, strategy="PACK")
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        raise ConfigError(f"learner.num_workers: the colocated placement group ({lr.num_workers} x {bundle}) "
+                          f"was not placed within {timeout_s:g} s")
+    return group
 
 
 def reward_worker_options(config: Config, needs: list) -> dict:
@@ -143,4 +158,5 @@ def start_reward_worker(worker_cls, config: Config, needs: list) -> ray.actor.Ac
 def stop(handles: list[RolloutHandle]) -> None:
     for h in handles:
         ray.kill(h.actor, no_restart=True)
-        remove_placement_group(h.group)
+        if h.group is not None:
+            remove_placement_group(h.group)

@@ -18,9 +18,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import remove_placement_group
 from tqdm import tqdm
 
 from common import wire
@@ -30,6 +32,7 @@ from common.prompts import PromptStream, load_prompts, resolve_prompt_path
 from services.controller import cluster, evaluation
 from services.controller.dashboard import DashboardMetrics
 from services.controller.iteration import assign_advantages, reward_stats
+from services.controller.learner_group import LearnerGroup
 from services.controller.run_folder import RunFolder
 from services.learner.learner import Learner
 from services.reward.scorers import scorer_needs
@@ -57,6 +60,7 @@ class Scored:
     (object refs, in the rows' order) and the iteration's metrics so far."""
     data: pa.Table
     rollouts: list
+    calls: np.ndarray  # per row of data: the index of its rollout batch in `rollouts`
     metrics: dict
 
 
@@ -101,14 +105,16 @@ class SyncTrainer:
               f"{self.config.reward.num_workers} reward worker(s) and the learner", file=sys.stderr)
         self.dashboard = DashboardMetrics()
         self.dashboard.set_phase("starting")
-        self.learner = cluster.start_learner(Learner, self.config)
+        shared = cluster.colocated_group(self.config) if self.config.placement == "colocated" else None
+        self._colocated = shared
+        self.learner = LearnerGroup(Learner, self.config, group=shared)
         needs = [scorer_needs(name, self.config.reward) for name in self.config.reward.all_scorers()]
         self.rewards = [cluster.start_reward_worker(RewardWorker, self.config, needs)
                         for _ in range(self.config.reward.num_workers)]
-        self.rollouts = [cluster.start_rollout_worker(RolloutWorker, self.config, i)
+        self.rollouts = [cluster.start_rollout_worker(RolloutWorker, self.config, i, shared_group=shared)
                          for i in range(self.config.rollout.num_workers)]
-        ray.get([self.learner.ready.remote()] + [w.ready.remote() for w in self.rewards]
-                + [h.actor.ready.remote() for h in self.rollouts])
+        ray.get([w.ready.remote() for w in self.rewards] + [h.actor.ready.remote() for h in self.rollouts])
+        self.learner.ready()
         engines = ray.get(self.rewards[0].engines.remote())
         print("flowgrpo: reward " + " + ".join(f"{weight:g} x {name} [{engines[name]}]"
                                                for name, weight in self.config.reward.weights.items()), file=sys.stderr)
@@ -123,8 +129,13 @@ class SyncTrainer:
         if self.rollouts:
             cluster.stop(self.rollouts)
             self.rollouts = []
-        for actor in [self.learner, *self.rewards] if self.learner is not None else self.rewards:
+        if self.learner is not None:
+            self.learner.stop()
+        for actor in self.rewards:
             ray.kill(actor, no_restart=True)
+        if getattr(self, "_colocated", None) is not None:
+            remove_placement_group(self._colocated)
+            self._colocated = None
         self.rewards = []
         self.learner = None
         if self.folder is not None:
@@ -230,7 +241,8 @@ class SyncTrainer:
         self.dashboard.set_images_per_second(metrics["images_per_second"])
         data, adv_stats = assign_advantages(data, self.config.train)
         metrics.update(adv_stats, **reward_stats(data), **self.scorer_metrics())
-        return Scored(data, [ref for _, ref in scored], metrics)
+        calls = np.repeat(np.arange(len(scored)), [batch.num_rows for batch, _ in scored])
+        return Scored(data, [ref for _, ref in scored], calls, metrics)
 
     def scorer_metrics(self) -> dict[str, float]:
         """The reward workers' cumulative scorer metrics under `scorer/` (images/s, seconds
@@ -251,8 +263,7 @@ class SyncTrainer:
         self.dashboard.set_phase("learn")
         start = time.perf_counter()
         data = scored.data
-        metrics = ray.get(self.learner.train.remote(data.drop_columns(["image"]), *scored.rollouts),
-                          timeout=self.config.learner.timeout_s)
+        metrics = self.learner.train(data.drop_columns(["image"]), scored.rollouts, scored.calls)
         staleness = self.version - min(data.column("policy_version").to_pylist())  # learner version minus rollout's
         return {**metrics, "staleness": float(staleness), "time/learn": time.perf_counter() - start}
 
@@ -265,7 +276,7 @@ class SyncTrainer:
         self.dashboard.set_phase("evaluate")
         start = time.perf_counter()
         evaluation.evaluate(self.config, self.eval_records, [h.actor for h in self.rollouts], self.rewards,
-                            self.learner.weights.remote(ema=True), self.folder, done, self.dashboard)
+                            self.learner.weights(ema=True), self.folder, done, self.dashboard)
         ray.get([h.actor.set_weights.remote(self._weights_ref) for h in self.rollouts])
         return {"time/evaluate": time.perf_counter() - start}
 
@@ -356,8 +367,8 @@ class SyncTrainer:
         `wait`, block until all report the new version."""
         self.dashboard.set_phase("weight_sync")
         start = time.perf_counter()
-        self._weights_ref = self.learner.weights.remote()
-        self.version = ray.get(self.learner.ready.remote())
+        self._weights_ref = self.learner.weights()
+        self.version = self.learner.ready()
         loaded = [h.actor.set_weights.remote(self._weights_ref) for h in self.rollouts]
         if wait:
             for h, ref in zip(self.rollouts, loaded):
@@ -378,7 +389,7 @@ class SyncTrainer:
                 ref = handle.actor.set_weights.remote(self._weights_ref)
 
     def save_final_lora(self) -> Path:
-        weights = ray.get(self.learner.weights.remote(ema=True))
+        weights = ray.get(self.learner.weights(ema=True))
         return save_diffusers_lora(weights, self.config.lora, self.folder.lora_dir)
 
     # ------------------------------------------------------------------ logging, checkpoints
@@ -402,7 +413,7 @@ class SyncTrainer:
     def checkpoint(self, done: int) -> Path:
         """Everything a resumed run needs to give the same next iteration: learner state
         (LoRA, optimizer, EMA, RNG, version) and the prompt stream's position."""
-        tensors, meta = ray.get(self.learner.state_dict.remote())
+        tensors, meta = self.learner.state()
         state = {"iteration": done, "stream": self.next_stream_state()}
         return self.folder.write_checkpoint(done, {LEARNER_TENSORS: tensors, LEARNER_META: json.dumps(meta),
                                                    CONTROLLER_STATE: json.dumps(state)})
@@ -416,8 +427,8 @@ class SyncTrainer:
         if directory is None:
             raise FileNotFoundError(f"--resume {self.folder.path}: no checkpoint in {self.folder.path / 'checkpoints'}")
         state = json.loads((directory / CONTROLLER_STATE).read_text())
-        ray.get(self.learner.load_state_dict.remote((directory / LEARNER_TENSORS).read_bytes(),
-                                                    json.loads((directory / LEARNER_META).read_text())))
+        self.learner.load_state((directory / LEARNER_TENSORS).read_bytes(),
+                                json.loads((directory / LEARNER_META).read_text()))
         self.stream.restore(state["stream"])
         self.start_iteration = state["iteration"]
         self.folder.truncate_after(self.start_iteration - 1)

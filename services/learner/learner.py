@@ -28,6 +28,7 @@ step; the norm is clipped, AdamW steps, the EMA follows.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 
@@ -48,14 +49,17 @@ from services.learner.ema import LoraEma
 
 
 class Learner:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, rank: int = 0, world_size: int = 1):
         self.config = config
+        self.rank, self.world_size = rank, world_size
         if config.run.num_torch_threads:
             torch.set_num_threads(config.run.num_torch_threads)
         self.device = resolve_device(config.model.device)
         self.pipe = load_pipeline(config.model.path, Precision.resolve(config.model.precision, self.device), self.device,
                                   with_vae=False)
         self.transformer = self.pipe.transformer
+        if config.learner.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
         with torch.random.fork_rng(devices=[]):  # the Gaussian LoRA init draws from torch's global RNG
             torch.manual_seed(config.run.seed)
             self.params = attach_lora(self.transformer, config.lora)
@@ -72,6 +76,10 @@ class Learner:
     def ready(self) -> int:
         return self.version
 
+    def pid(self) -> int:
+        """This process's id (fault tests kill it)."""
+        return os.getpid()
+
     def weights(self, ema: bool = False) -> LoraWeights:
         """The current LoRA as versioned bytes; with `ema`, the EMA weights (evaluation
         and the final adapter)."""
@@ -80,7 +88,7 @@ class Learner:
                 return export_lora(self.transformer, self.version)
         return export_lora(self.transformer, self.version)
 
-    def train(self, data: pa.Table, *rollouts: pa.RecordBatch) -> dict[str, float]:
+    def train(self, data: pa.Table, *rollouts: pa.RecordBatch | None, calls: np.ndarray | None = None) -> dict[str, float]:
         """One GRPO update on a scored batch with advantages (no latents) and the rollout
         batches its rows came from (their latents); bumps the policy version.
 
@@ -88,31 +96,43 @@ class Learner:
         sampling order, cut to `train.micro_batch_size`: with the default sizes the
         learner's forward is the very forward the rollout ran, so the first step's ratio
         is 1 in any precision. Their order is shuffled per inner epoch and they are
-        split into `train.optimizer_steps_per_iteration` optimizer steps."""
+        split into `train.optimizer_steps_per_iteration` optimizer steps.
+
+        In a learner group every rank gets the whole `data` and `calls` (the index into
+        `rollouts` of each row's rollout call) but only its own calls' batches (None for
+        the others'): all ranks draw the same micro-batches, order and steps, each trains
+        its own, and one all-reduce per optimizer step sums the gradients, each scaled by
+        the global number of rows in the step. N ranks thus take the update one learner
+        takes on the whole batch, however zero-advantage groups fall."""
         start = time.perf_counter()
         t = self.config.train
-        advantages = data.column("advantage").to_numpy()
-        keep = np.flatnonzero(advantages != 0)  # zero-std groups carry no signal
+        steps = self.trained_steps
+        if calls is None:
+            calls = rollout_calls(data, rollouts)
+        keep = np.flatnonzero(data.column("advantage").to_numpy() != 0)  # zero-std groups carry no signal
         if len(keep) == 0:
             self.version += 1
             return {"samples_trained": 0.0, "learn_seconds": time.perf_counter() - start}
-        steps = self.trained_steps
-        latents = torch.from_numpy(wire.join_latents(data, rollouts)[keep, : steps + 1])  # to the device per micro-batch
-        data = data.take(pa.array(keep))
+        positions = _positions_in_calls(data, rollouts, calls)[keep]
+        data, calls = data.take(pa.array(keep)), np.asarray(calls)[keep]
         self._check_timesteps(wire.list_column(data, "timesteps"))
+        batches = self._micro_batches(data, calls)
+        mine = [i for i, mb in enumerate(batches) if rollouts[calls[mb[0]]] is not None]
+        latents = {i: self._latents(rollouts[calls[batches[i][0]]], positions[batches[i]]) for i in mine}
         behaviour = torch.from_numpy(wire.list_column(data, "log_probs")[:, :steps]).float().to(self.device)
-        adv = torch.from_numpy(advantages[keep]).float().to(self.device)
+        adv = torch.tensor(data.column("advantage").to_numpy(), dtype=torch.float32, device=self.device)
         prompts = data.column("prompt").to_pylist()
-        unique = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-        embeds = encode_prompts(self.pipe, list(unique), self.config.model.max_sequence_length)
-        rows = torch.tensor([unique[p] for p in prompts])
-        batches = self._micro_batches(data, rollouts)
+        unique = {p: i for i, p in enumerate(dict.fromkeys(prompts[r] for i in mine for r in batches[i].tolist()))}
+        embeds = encode_prompts(self.pipe, list(unique), self.config.model.max_sequence_length) if unique else None
+        cond = {i: embeds.select([unique[prompts[r]] for r in batches[i].tolist()]) for i in mine}
         stale = data.column("policy_version").to_numpy() < self.version
         # Decoupled objective (module docstring): only samples of an older policy need the
         # proximal log-probs; on-policy batches use the paper's loss unchanged.
         proximal, weights = behaviour, None
         if stale.any():
-            proximal = self._log_probs(latents, embeds.select(rows), batches)
+            proximal = behaviour.clone()
+            for i in mine:
+                proximal[batches[i].to(self.device)] = self._log_probs(latents[i], cond[i])
             weights = torch.exp(proximal - behaviour).clamp(max=t.importance_weight_cap)
 
         # Metrics stay tensors on the device until the end: no GPU sync per step.
@@ -122,20 +142,24 @@ class Learner:
         for epoch in range(t.inner_epochs):
             order = torch.randperm(len(batches), generator=self.generator)
             for k, part in enumerate(order.tensor_split(t.optimizer_steps_per_iteration)):
-                if len(part) == 0:
+                step_rows = sum(len(batches[i]) for i in part.tolist())
+                if step_rows == 0:
                     continue
-                step_rows = sum(len(batches[i]) for i in part)
                 self.optimizer.zero_grad(set_to_none=True)
                 for i in part.tolist():
-                    mb = batches[i]
-                    metrics = self._accumulate(latents[mb].to(self.device), proximal[mb], adv[mb],
-                                               embeds.select(rows[mb]), None if weights is None else weights[mb],
-                                               len(mb) / step_rows / steps)
+                    if i not in latents:
+                        continue  # another rank's
+                    rows = batches[i].to(self.device)
+                    metrics = self._accumulate(latents[i], proximal[rows], adv[rows], cond[i],
+                                               None if weights is None else weights[rows],
+                                               len(rows) / step_rows / steps)
                     for name, value in metrics.items():
                         sums[name] += value
                         counts[name] += 1
                     if epoch == 0 and k == 0:
                         first_step_ratio_dev = torch.maximum(first_step_ratio_dev, metrics["ratio_dev"])
+                if self.world_size > 1:
+                    self._all_reduce_gradients()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
                 self.optimizer.step()
                 if self.ema is not None:
@@ -143,37 +167,63 @@ class Learner:
                 sums["grad_norm"] += grad_norm.detach()
                 counts["grad_norm"] += 1
         self.version += 1
-        sums.pop("ratio_dev")
+        sums.pop("ratio_dev", None)
         metrics = {name: float(sums[name]) / counts[name] for name in sums}
-        metrics.update(ratio_dev_before_update=float(first_step_ratio_dev), samples_trained=float(len(keep)),
+        metrics.update(ratio_dev_before_update=float(first_step_ratio_dev),
+                       samples_trained=float(sum(len(batches[i]) for i in mine)),
                        stale_fraction=float(stale.mean()), learn_seconds=time.perf_counter() - start)
         if weights is not None:
             metrics["importance_weight_mean"] = float(weights.mean())
         return metrics
 
-    def _micro_batches(self, data: pa.Table, rollouts: tuple[pa.RecordBatch, ...]) -> list[torch.Tensor]:
-        """Row indices of `data` per rollout denoising batch (the rollout call it came
-        from and its `forward_batch`), in sampling order, cut to train.micro_batch_size."""
-        call_of = {}
-        for call, batch in enumerate(rollouts):
-            call_of.update(dict.fromkeys(batch.column("prompt_index").to_pylist(), call))
+    def _latents(self, rollout: pa.RecordBatch, positions: np.ndarray) -> torch.Tensor:
+        """The trained steps' latents of some rows of a rollout batch, on the device
+        (one micro-batch at a time: the batch's latents stay in the object store)."""
+        return torch.from_numpy(wire.tensor_column(rollout, "latents")[positions, : self.trained_steps + 1]).to(self.device)
+
+    def _micro_batches(self, data: pa.Table, calls: np.ndarray) -> list[torch.Tensor]:
+        """Row indices of `data` per rollout denoising batch (its rollout call and its
+        `forward_batch`), in sampling order, cut to train.micro_batch_size."""
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for row, (key, forward) in enumerate(zip(data.column("prompt_index").to_pylist(),
-                                                 data.column("forward_batch").to_pylist())):
-            groups[(call_of[key], forward)].append(row)
+        for row, (call, forward) in enumerate(zip(calls.tolist(), data.column("forward_batch").to_pylist())):
+            groups[(call, forward)].append(row)
         size = self.config.train.micro_batch_size
         return [torch.tensor(rows[i:i + size]) for rows in groups.values() for i in range(0, len(rows), size)]
 
+    def _all_reduce_gradients(self) -> None:
+        """Sum the LoRA gradients of all ranks, in one flat buffer (one collective per
+        optimizer step). Each rank's loss is already scaled by the global row count."""
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for p, g in zip(self.params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p)
+
+    def join_group(self, address: str, port: int) -> str:
+        """Join the learner group's process group (rank 0 listens at address:port) and
+        return this rank's LoRA digest, which must equal every other rank's."""
+        import torch.distributed as dist
+
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
+                                world_size=self.world_size)
+        return self.digest()
+
+    def digest(self) -> str:
+        """sha256 of the LoRA weights (and of the EMA's): equal on every rank of a group."""
+        state = export_lora(self.transformer, self.version).sha256
+        if self.ema is not None:
+            with self.ema.applied():
+                state += export_lora(self.transformer, self.version).sha256
+        return state
+
     @torch.no_grad()
-    def _log_probs(self, latents: torch.Tensor, cond: PromptEmbeds, batches: list[torch.Tensor]) -> torch.Tensor:
-        """log p(x_{j+1} | x_j) of every trained step under the current weights (the
-        proximal policy of the decoupled objective), by the same micro-batches."""
-        out = torch.empty(len(latents), self.trained_steps, device=self.device)
-        for mb in batches:
-            x = latents[mb].to(self.device)
-            for j in range(self.trained_steps):
-                out[mb.to(self.device), j] = self._step(x, j, cond.select(mb)).log_prob
-        return out
+    def _log_probs(self, latents: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:
+        """log p(x_{j+1} | x_j) of every trained step of one micro-batch under the
+        current weights (the proximal policy of the decoupled objective)."""
+        return torch.stack([self._step(latents, j, cond).log_prob for j in range(self.trained_steps)], dim=1)
 
     def _step(self, latents: torch.Tensor, j: int, cond: PromptEmbeds, detach_uncond: bool = False):
         """The SDE step j of `latents` [B, T+1, ...] under the current model, with the
@@ -239,3 +289,29 @@ class Learner:
             self.ema.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
         self.version = state["version"]
+
+
+def rollout_calls(data: pa.Table, rollouts) -> np.ndarray:
+    """For each row of `data`, the index of the rollout batch it came from (group keys,
+    `prompt_index`, are unique within an iteration and never span two calls)."""
+    call_of = {}
+    for call, batch in enumerate(rollouts):
+        call_of.update(dict.fromkeys(batch.column("prompt_index").to_pylist(), call))
+    return np.array([call_of[key] for key in data.column("prompt_index").to_pylist()], dtype=np.int64)
+
+
+def _positions_in_calls(data: pa.Table, rollouts, calls: np.ndarray) -> np.ndarray:
+    """Each row's position in its rollout batch (-1 where the batch is another rank's).
+    Scoring keeps the rows of whole groups in order, so a call's rows in `data` are its
+    batch's rows of the groups that survived."""
+    positions = np.full(data.num_rows, -1, dtype=np.int64)
+    keys = data.column("prompt_index").to_numpy()
+    for call, batch in enumerate(rollouts):
+        if batch is None:
+            continue
+        mine = np.flatnonzero(calls == call)
+        found = np.flatnonzero(np.isin(batch.column("prompt_index").to_numpy(), keys[mine]))
+        if len(found) != len(mine) or not np.array_equal(batch.column("prompt_index").to_numpy()[found], keys[mine]):
+            raise ValueError("Learner.train: the scored rows are not their rollout batch's rows in order")
+        positions[mine] = found
+    return positions

@@ -43,7 +43,7 @@ def two_iterations(ray_config, tmp_path_factory):
     try:
         history = trainer.train()
         versions = ray.get([h.actor.policy_version.remote() for h in trainer.rollouts])
-        learner_version = ray.get(trainer.learner.ready.remote())
+        learner_version = trainer.learner.ready()
     finally:
         trainer.stop()
     return run_dir, history, versions, learner_version
