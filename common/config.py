@@ -66,6 +66,13 @@ class SampleConfig:
     batch_size: int = 8
     negative_prompt: str = ""
     same_latent: bool = False  # upstream's option: every image of a group starts from the same noise
+    # Flow-GRPO-Fast (upstream's train_sd3_fast.py): with sde_window_size w > 0, only w
+    # consecutive steps, starting at a step drawn per iteration from
+    # [sde_window_range[0], sde_window_range[1] - w], are SDE steps with log-probs, the
+    # rest ODE steps, and the learner trains only those w steps. 0: the paper's (SDE at
+    # every step, train the first floor(train.timestep_fraction x train_steps)).
+    sde_window_size: int = 0
+    sde_window_range: list[int] = field(default_factory=lambda: [0, 9])
 
 
 @dataclass
@@ -271,6 +278,13 @@ class Config:
         _check(s.eval_steps >= 1, "sample.eval_steps", f"must be at least 1, got {s.eval_steps}")
         _check(s.resolution % 16 == 0 and s.resolution > 0, "sample.resolution", f"must be a positive multiple of 16 (VAE factor 8 x patch 2), got {s.resolution}")
         _check(s.prompts_per_iteration >= 1, "sample.prompts_per_iteration", "must be at least 1")
+        if s.sde_window_size:
+            low, high = (s.sde_window_range + [None, None])[:2]
+            _check(len(s.sde_window_range) == 2 and 0 <= low < high <= s.train_steps - 1, "sample.sde_window_range",
+                   f"must be [first, end) steps with 0 <= first < end <= sample.train_steps - 1 = {s.train_steps - 1} "
+                   f"(the last step, into sigma 0, is never trained), got {s.sde_window_range}")
+            _check(1 <= s.sde_window_size <= high - low, "sample.sde_window_size",
+                   f"must fit sample.sde_window_range {s.sde_window_range}, got {s.sde_window_size}")
         _check(s.batch_size >= 1, "sample.batch_size", "must be at least 1")
         _check(s.batch_size % s.group_size == 0 or s.group_size % s.batch_size == 0, "sample.batch_size",
                f"must divide sample.group_size ({s.group_size}) or be a multiple of it, got {s.batch_size}")

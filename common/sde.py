@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -82,3 +83,13 @@ def kl_to_reference(mean: torch.Tensor, reference_mean: torch.Tensor, std_dev: t
     As in the paper's code it divides by std_t^2, not by the step variance std_t^2 |dt|."""
     per_sample = ((mean - reference_mean) ** 2).mean(dim=tuple(range(1, mean.ndim)), keepdim=True)
     return (per_sample / (2 * std_dev**2)).mean()
+
+
+def sde_window(size: int, window_range: list[int], seed: int) -> tuple[int, int] | None:
+    """Flow-GRPO-Fast's window of SDE steps [start, start + size), start drawn uniformly
+    from [window_range[0], window_range[1] - size] (upstream's rule); None when size is
+    0 (every step is an SDE step)."""
+    if not size:
+        return None
+    start = int(np.random.default_rng(seed).integers(window_range[0], window_range[1] - size + 1))
+    return start, start + size

@@ -29,6 +29,7 @@ from common import wire
 from common.config import Config
 from common.lora import save_diffusers_lora
 from common.prompts import PromptStream, load_prompts, resolve_prompt_path
+from common.sde import sde_window
 from services.controller import cluster, evaluation
 from services.controller.dashboard import DashboardMetrics
 from services.controller.iteration import assign_advantages, reward_stats
@@ -71,6 +72,7 @@ class Chunk:
     draws: list
     seed: int
     min_version: int
+    window: tuple[int, int] | None = None  # the iteration's SDE window (sample.sde_window_size)
     attempts: int = 0
     rescored: int = 0  # times its batch was scored again after a reward worker died
     worker: int = -1
@@ -288,7 +290,8 @@ class SyncTrainer:
         draws = self.stream.next_batch(s.prompts_per_iteration)
         per_call = max(1, s.batch_size // s.group_size)
         seed_base = (self.config.run.seed * 1_000_003 + it) * 1_000
-        return [Chunk(k, draws[i:i + per_call], seed_base + i, self.version)
+        window = sde_window(s.sde_window_size, s.sde_window_range, seed_base)  # one per iteration
+        return [Chunk(k, draws[i:i + per_call], seed_base + i, self.version, window=window)
                 for k, i in enumerate(range(0, len(draws), per_call))]
 
     def _dispatch(self, chunk: Chunk, worker: int, pending: dict) -> None:
@@ -296,7 +299,7 @@ class SyncTrainer:
         prompts = [r.prompt for _, r in chunk.draws]
         ref = self.rollouts[worker].actor.generate.remote(
             prompts, [i for i, _ in chunk.draws], [r.metadata for _, r in chunk.draws], chunk.seed,
-            min_version=chunk.min_version)
+            min_version=chunk.min_version, sde_window=chunk.window)
         pending[ref] = chunk
 
     def _score(self, rollout_ref: ray.ObjectRef) -> ray.ObjectRef:

@@ -70,7 +70,7 @@ class Learner:
         self.version = 0
         self.negative = encode_prompts(self.pipe, [config.sample.negative_prompt], config.model.max_sequence_length)
         self.timesteps, self.sigmas = sigma_schedule(self.pipe.scheduler, config.sample.train_steps, self.device)
-        self.trained_steps = int(t.timestep_fraction * config.sample.train_steps)
+        self.paper_steps = list(range(int(t.timestep_fraction * config.sample.train_steps)))  # without a window
         self.generator = torch.Generator().manual_seed(config.run.seed)
 
     def ready(self) -> int:
@@ -106,7 +106,6 @@ class Learner:
         takes on the whole batch, however zero-advantage groups fall."""
         start = time.perf_counter()
         t = self.config.train
-        steps = self.trained_steps
         if calls is None:
             calls = rollout_calls(data, rollouts)
         keep = np.flatnonzero(data.column("advantage").to_numpy() != 0)  # zero-std groups carry no signal
@@ -116,10 +115,12 @@ class Learner:
         positions = _positions_in_calls(data, rollouts, calls)[keep]
         data, calls = data.take(pa.array(keep)), np.asarray(calls)[keep]
         self._check_timesteps(wire.list_column(data, "timesteps"))
+        log_probs = wire.list_column(data, "log_probs")
+        steps = self._trained_steps(log_probs)
         batches = self._micro_batches(data, calls)
         mine = [i for i, mb in enumerate(batches) if rollouts[calls[mb[0]]] is not None]
-        latents = {i: self._latents(rollouts[calls[batches[i][0]]], positions[batches[i]]) for i in mine}
-        behaviour = torch.from_numpy(wire.list_column(data, "log_probs")[:, :steps]).float().to(self.device)
+        latents = {i: self._latents(rollouts[calls[batches[i][0]]], positions[batches[i]], steps[-1] + 2) for i in mine}
+        behaviour = torch.from_numpy(log_probs[:, steps]).float().to(self.device)
         adv = torch.tensor(data.column("advantage").to_numpy(), dtype=torch.float32, device=self.device)
         prompts = data.column("prompt").to_pylist()
         unique = {p: i for i, p in enumerate(dict.fromkeys(prompts[r] for i in mine for r in batches[i].tolist()))}
@@ -132,7 +133,7 @@ class Learner:
         if stale.any():
             proximal = behaviour.clone()
             for i in mine:
-                proximal[batches[i].to(self.device)] = self._log_probs(latents[i], cond[i])
+                proximal[batches[i].to(self.device)] = self._log_probs(latents[i], cond[i], steps)
             weights = torch.exp(proximal - behaviour).clamp(max=t.importance_weight_cap)
 
         # Metrics stay tensors on the device until the end: no GPU sync per step.
@@ -151,8 +152,8 @@ class Learner:
                         continue  # another rank's
                     rows = batches[i].to(self.device)
                     metrics = self._accumulate(latents[i], proximal[rows], adv[rows], cond[i],
-                                               None if weights is None else weights[rows],
-                                               len(rows) / step_rows / steps)
+                                               None if weights is None else weights[rows], steps,
+                                               len(rows) / step_rows / len(steps))
                     for name, value in metrics.items():
                         sums[name] += value
                         counts[name] += 1
@@ -176,10 +177,23 @@ class Learner:
             metrics["importance_weight_mean"] = float(weights.mean())
         return metrics
 
-    def _latents(self, rollout: pa.RecordBatch, positions: np.ndarray) -> torch.Tensor:
-        """The trained steps' latents of some rows of a rollout batch, on the device
-        (one micro-batch at a time: the batch's latents stay in the object store)."""
-        return torch.from_numpy(wire.tensor_column(rollout, "latents")[positions, : self.trained_steps + 1]).to(self.device)
+    def _trained_steps(self, log_probs: np.ndarray) -> list[int]:
+        """The steps to train: the paper's first floor(timestep_fraction x T), or with an
+        SDE window (sample.sde_window_size) the window's steps, the only ones the rollout
+        gave a log-prob (the same window for every row of an iteration)."""
+        if not self.config.sample.sde_window_size:
+            return self.paper_steps
+        sde = np.isfinite(log_probs)
+        steps = np.flatnonzero(sde[0]).tolist()
+        if not (sde == sde[0]).all() or len(steps) != self.config.sample.sde_window_size:
+            raise ValueError(f"rollout SDE windows {sorted({tuple(np.flatnonzero(r)) for r in sde})} differ from one "
+                             f"window of sample.sde_window_size={self.config.sample.sde_window_size} steps")
+        return steps
+
+    def _latents(self, rollout: pa.RecordBatch, positions: np.ndarray, steps: int) -> torch.Tensor:
+        """The first `steps` latents of some rows of a rollout batch, on the device (one
+        micro-batch at a time: the batch's latents stay in the object store)."""
+        return torch.from_numpy(wire.tensor_column(rollout, "latents")[positions, :steps]).to(self.device)
 
     def _micro_batches(self, data: pa.Table, calls: np.ndarray) -> list[torch.Tensor]:
         """Row indices of `data` per rollout denoising batch (its rollout call and its
@@ -220,10 +234,10 @@ class Learner:
         return state
 
     @torch.no_grad()
-    def _log_probs(self, latents: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:
-        """log p(x_{j+1} | x_j) of every trained step of one micro-batch under the
-        current weights (the proximal policy of the decoupled objective)."""
-        return torch.stack([self._step(latents, j, cond).log_prob for j in range(self.trained_steps)], dim=1)
+    def _log_probs(self, latents: torch.Tensor, cond: PromptEmbeds, steps: list[int]) -> torch.Tensor:
+        """log p(x_{j+1} | x_j) of the trained steps of one micro-batch under the current
+        weights (the proximal policy of the decoupled objective)."""
+        return torch.stack([self._step(latents, j, cond).log_prob for j in steps], dim=1)
 
     def _step(self, latents: torch.Tensor, j: int, cond: PromptEmbeds, detach_uncond: bool = False):
         """The SDE step j of `latents` [B, T+1, ...] under the current model, with the
@@ -236,17 +250,18 @@ class Learner:
         return sde_step_with_logprob(v, x, self.sigmas, j, s.noise_level, prev_sample=x_next)
 
     def _accumulate(self, latents, old_log_probs, adv, cond: PromptEmbeds, importance: torch.Tensor | None,
-                    weight: float) -> dict[str, torch.Tensor]:
-        """Backward the loss of one micro-batch over every trained step, scaled by `weight`;
-        return its metrics (means over the steps) as detached tensors."""
+                    steps: list[int], weight: float) -> dict[str, torch.Tensor]:
+        """Backward the loss of one micro-batch over the trained `steps` (old log-probs
+        and importance weights given per trained step), scaled by `weight`; return its
+        metrics (means over the steps) as detached tensors."""
         t = self.config.train
-        n = self.trained_steps
+        n = len(steps)
         out: dict[str, torch.Tensor] = defaultdict(float)
         out["ratio_dev"] = torch.zeros((), device=latents.device)
-        for j in range(n):
+        for k, j in enumerate(steps):
             step = self._step(latents, j, cond, detach_uncond=t.cfg_gradient == "detached")
-            policy = clipped_policy_loss(step.log_prob, old_log_probs[:, j], adv, t.clip_range,
-                                         None if importance is None else importance[:, j])
+            policy = clipped_policy_loss(step.log_prob, old_log_probs[:, k], adv, t.clip_range,
+                                         None if importance is None else importance[:, k])
             loss = policy.loss
             if t.beta > 0:
                 with adapter_disabled(self.transformer), torch.no_grad():

@@ -60,12 +60,13 @@ class RolloutWorker:
         return self.version
 
     def generate(self, prompts: Sequence[str], prompt_index: Sequence[int], metadata: Sequence[Mapping[str, Any]],
-                 seed: int, min_version: int = 0) -> pa.RecordBatch:
+                 seed: int, min_version: int = 0, sde_window: tuple[int, int] | None = None) -> pa.RecordBatch:
         """`sample.group_size` SDE samples of each prompt, as one Arrow rollout batch.
 
         Prompt embeddings are computed once per prompt, then repeated for its group.
         Every image starts from its own noise, or, with `sample.same_latent`, every
         image of a group from its group's noise (the SDE steps' noise still differs).
+        `sde_window` [start, end): only those steps are SDE steps (sample.sde_window_size).
         Refuses to sample with a LoRA older than `min_version` (a restarted worker starts
         from version 0 until the controller sends it the current one)."""
         if self.version < min_version:
@@ -84,7 +85,8 @@ class RolloutWorker:
         latents, log_probs, images = [], [], []
         for chunk, x in zip(rows.split(s.batch_size), noise.split(s.batch_size)):
             out = sample_sde(self.pipe, embeds.select(chunk), self.negative.expand(len(chunk)), timesteps, sigmas, x,
-                             guidance_scale=s.guidance_scale, noise_level=s.noise_level, generator=generator)
+                             guidance_scale=s.guidance_scale, noise_level=s.noise_level, generator=generator,
+                             window=sde_window)
             latents.append(out.latents.cpu().numpy())
             log_probs.append(out.log_probs.cpu().numpy())
             images.append(out.images)

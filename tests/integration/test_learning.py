@@ -22,7 +22,18 @@ ITERATIONS = 40
 WINDOW = 10
 
 
-def test_brightness_rises(tiny_model_dir, ray_cluster, tmp_path):
+VARIANTS = {
+    "paper": [],
+    # Flow-GRPO-Fast: SDE and training on 2 of the 10 steps
+    "sde_window_2": ["sample.sde_window_size=2", "sample.sde_window_range=[0, 5]"],
+    # two data-parallel learner ranks (gloo), colocated with two rollout workers
+    "two_learners_colocated": ["learner.num_workers=2", "rollout.num_workers=2", "placement=colocated",
+                               "rollout.num_cpus=0.25", "learner.num_cpus=0.25"],
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_brightness_rises(tiny_model_dir, ray_cluster, tmp_path, variant):
     from common.config import load_config
 
     config = prepare(load_config(None, [
@@ -33,11 +44,12 @@ def test_brightness_rises(tiny_model_dir, ray_cluster, tmp_path):
         f"prompts.train={PROMPTS}", "prompts.format=text", "rollout.num_workers=1", "rollout.num_gpus=0",
         "rollout.num_cpus=0.5", "learner.num_gpus=0", "learner.num_cpus=0.5",
         f"run.iterations={ITERATIONS}", "run.checkpoint_every=0", "run.sample_images_every=0",
+        *VARIANTS[variant],
     ]))
     history = train(config, tmp_path / "run")
     rewards = np.array([h["reward_mean"] for h in history])
     group_std = np.mean([h["group_std_mean"] for h in history[:WINDOW]])
     gain = rewards[-WINDOW:].mean() - rewards[:WINDOW].mean()
-    print(f"brightness {rewards[:WINDOW].mean():.4f} -> {rewards[-WINDOW:].mean():.4f}: "
+    print(f"{variant}: brightness {rewards[:WINDOW].mean():.4f} -> {rewards[-WINDOW:].mean():.4f}: "
           f"{gain / group_std:.1f} within-group stds in {ITERATIONS} iterations")
     assert gain > 2 * group_std

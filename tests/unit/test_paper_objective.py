@@ -41,7 +41,7 @@ def _reference_gradient(learner, data, batch):
     """The gradient of the paper's loss for one micro-batch, from separate forwards of
     both branches with gradients: v = v_u + s (v_c - v_u)."""
     config = learner.config
-    s, t, n = config.sample, config.train, learner.trained_steps
+    s, t, n = config.sample, config.train, len(learner.paper_steps)
     tr = learner.transformer
     latents = torch.from_numpy(wire.join_latents(data, [batch]))
     old = torch.from_numpy(wire.list_column(data, "log_probs"))
@@ -72,13 +72,14 @@ def _reference_gradient(learner, data, batch):
 def _learner_gradient(learner, data, batch):
     """The gradient the learner's own accumulation leaves for the same micro-batch."""
     t = learner.config.train
-    latents = torch.from_numpy(wire.join_latents(data, [batch]))[:, : learner.trained_steps + 1]
-    old = torch.from_numpy(wire.list_column(data, "log_probs"))[:, : learner.trained_steps]
+    steps = learner.paper_steps
+    latents = torch.from_numpy(wire.join_latents(data, [batch]))[:, : len(steps) + 1]
+    old = torch.from_numpy(wire.list_column(data, "log_probs"))[:, : len(steps)]
     adv = torch.tensor(data.column("advantage").to_numpy(), dtype=torch.float32)
     cond = encode_prompts(learner.pipe, data.column("prompt").to_pylist(), learner.config.model.max_sequence_length)
     for p in learner.params:
         p.grad = None
-    learner._accumulate(latents, old, adv, cond, None, 1.0 / learner.trained_steps)
+    learner._accumulate(latents, old, adv, cond, None, steps, 1.0 / len(steps))
     assert t.beta > 0
     return [p.grad.clone() for p in learner.params]
 
@@ -188,3 +189,27 @@ def test_stale_samples_are_clipped_against_the_proximal_policy(tiny_config):
     assert metrics["stale_fraction"] == 1.0
     assert metrics["ratio_dev_before_update"] < 1e-6
     assert metrics["importance_weight_mean"] != pytest.approx(1.0, abs=1e-6)
+
+
+def test_sde_window_records_and_trains_only_its_steps(tiny_config):
+    config = tiny_config("sample.train_steps=6", "sample.sde_window_size=2", "sample.sde_window_range=[1, 5]",
+                         "train.beta=0.04")
+    learner = Learner(config)
+    _perturb(learner)
+    rollout = RolloutWorker(config)
+    rollout.set_weights(learner.weights())
+    batch = rollout.generate(PROMPTS, [0, 1], [{}, {}], seed=3, sde_window=(2, 4))
+    log_probs = wire.list_column(batch, "log_probs")
+    assert np.isfinite(log_probs[:, 2:4]).all() and np.isnan(log_probs[:, [0, 1, 4, 5]]).all()
+    scored, _ = RewardWorker(config.reward).score(batch)
+    data, _ = assign_advantages(wire.concat([scored]), config.train)
+    assert learner._trained_steps(wire.list_column(data, "log_probs")) == [2, 3]
+    metrics = learner.train(data, batch)
+    assert metrics["ratio_dev_before_update"] < 1e-5 and np.isfinite(metrics["loss"])
+
+
+def test_sde_window_start_is_drawn_in_its_range():
+    from common.sde import sde_window
+    starts = {sde_window(2, [1, 5], seed)[0] for seed in range(200)}
+    assert starts == {1, 2, 3}
+    assert sde_window(0, [0, 9], 0) is None
