@@ -213,11 +213,13 @@ class PromptsConfig:
 
 @dataclass
 class RolloutConfig:
-    """Rollout workers: each is one Ray actor in its own one-bundle placement group."""
+    """Rollout workers: each is one Ray actor in its own one-bundle placement group.
+    Each caches the text embeddings of its `prompt_cache_size` most recent prompts."""
     num_workers: int = 1
     num_gpus: float = 1.0
     num_cpus: float = 1.0
     timeout_s: float = 600.0
+    prompt_cache_size: int = 128
 
 
 @dataclass
@@ -345,6 +347,7 @@ class Config:
         _check(rw.timeout_s > 0, "reward.timeout_s", "must be positive")
         _check(self.rollout.num_workers >= 1, "rollout.num_workers", "must be at least 1")
         _check(self.learner.num_workers >= 1, "learner.num_workers", "must be at least 1")
+        _check(self.rollout.prompt_cache_size >= 0, "rollout.prompt_cache_size", "must be >= 0 (0: no cache)")
         if self.placement == "colocated":
             _check(self.rollout.num_workers == self.learner.num_workers, "rollout.num_workers",
                    f"colocated placement puts one rollout worker and one learner rank on each GPU: set it equal to "

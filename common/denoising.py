@@ -25,6 +25,16 @@ class PromptEmbeds:
         index = torch.as_tensor(index, device=self.tokens.device, dtype=torch.long)
         return PromptEmbeds(self.tokens[index], self.pooled[index])
 
+    def to_bytes(self) -> bytes:
+        """safetensors bytes, for the rollout batch (the learner loads no text encoder)."""
+        from safetensors.torch import save
+
+        return save({"tokens": self.tokens.detach().cpu().contiguous(), "pooled": self.pooled.detach().cpu().contiguous()})
+
+    @staticmethod
+    def cat(parts: list["PromptEmbeds"]) -> "PromptEmbeds":
+        return PromptEmbeds(torch.cat([p.tokens for p in parts]), torch.cat([p.pooled for p in parts]))
+
     def expand(self, batch: int) -> "PromptEmbeds":
         """A single row (the negative prompt) broadcast to a batch, without a copy."""
         return PromptEmbeds(self.tokens.expand(batch, -1, -1), self.pooled.expand(batch, -1))

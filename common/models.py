@@ -116,15 +116,19 @@ def is_hub_id(path: str) -> bool:
 
 
 def load_pipeline(path: str, precision: Precision = Precision(torch.float32, torch.float32),
-                  device: str | torch.device = "cpu", with_vae: bool = True):
+                  device: str | torch.device = "cpu", with_vae: bool = True, with_text_encoders: bool = True):
     """Load a StableDiffusion3Pipeline from a local directory or a hub id, frozen, in
     `precision` (the VAE in float32).
 
-    `with_vae=False` skips the VAE (the learner never decodes images)."""
+    `with_vae=False` skips the VAE and `with_text_encoders=False` the text encoders and
+    tokenizers (the learner never decodes images, and reads the prompt embeddings the
+    rollout computed)."""
     from diffusers import StableDiffusion3Pipeline
 
     quiet_libraries()
     extra = {} if with_vae else {"vae": None}
+    if not with_text_encoders:
+        extra.update({f"{part}{suffix}": None for part in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")})
     if not Path(path).is_dir() and not is_hub_id(path):
         raise FileNotFoundError(f"model.path: directory {path} does not exist "
                                 "(build a tiny model there with `flowgrpo make-tiny-model DIR`)")

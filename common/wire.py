@@ -9,6 +9,10 @@ Columns (DESIGN.md "Data on the wire"):
     latents         fixed_shape_tensor<float32>[T+1, C, h, w] x_0 (noise) .. x_T
     timesteps       list<float32>  the T timesteps the transformer saw
     log_probs       list<float32>  log p(x_{j+1} | x_j) per step, as sampled
+    prompt_embeds   binary       safetensors of the prompt's text embeddings on the first row
+                                 of each prompt, null on the others; the call's first row also
+                                 carries the negative prompt's. The learner reads them instead
+                                 of loading text encoders; scoring and the log drop them.
     forward_batch   int64        the denoising batch of its rollout call the image was
                                  sampled in: the learner recomputes each such batch as
                                  one forward, rows in the same order, so its log-probs
@@ -36,7 +40,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-LOG_DROPPED_COLUMNS = ("latents", "image")
+LOG_DROPPED_COLUMNS = ("latents", "image", "prompt_embeds")
 
 
 def tensor_array(array: np.ndarray) -> pa.Array:
@@ -62,8 +66,10 @@ def make_rollout_batch(
     policy_version: int,
     rollout_worker: str,
     forward_batch: np.ndarray | None = None,
+    prompt_embeds: Sequence[bytes | None] | None = None,
 ) -> pa.RecordBatch:
-    """`forward_batch` defaults to one denoising batch for all rows."""
+    """`forward_batch` defaults to one denoising batch for all rows; `prompt_embeds`
+    (one entry a row, mostly None) is left out when not given."""
     n = len(prompts)
     forward_batch = np.zeros(n, dtype=np.int64) if forward_batch is None else forward_batch
     for name, value in (("prompt_index", prompt_index), ("metadata", metadata), ("images", images),
@@ -73,22 +79,23 @@ def make_rollout_batch(
             raise ValueError(f"make_rollout_batch: {name} has {len(value)} rows, prompts has {n}")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"make_rollout_batch: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-    return pa.RecordBatch.from_arrays(
-        [
-            pa.array(list(prompts), pa.string()),
-            pa.array(np.asarray(prompt_index, dtype=np.int64)),
-            pa.array([json.dumps(m) for m in metadata], pa.string()),
-            tensor_array(images),
-            tensor_array(latents.astype(np.float32, copy=False)),
-            list_array(timesteps),
-            list_array(log_probs),
-            pa.array(np.asarray(forward_batch, dtype=np.int64)),
-            pa.array(np.full(n, policy_version, dtype=np.int64)),
-            pa.array([rollout_worker] * n, pa.string()),
-        ],
-        names=["prompt", "prompt_index", "metadata", "image", "latents", "timesteps", "log_probs",
-               "forward_batch", "policy_version", "rollout_worker"],
-    )
+    columns = {
+        "prompt": pa.array(list(prompts), pa.string()),
+        "prompt_index": pa.array(np.asarray(prompt_index, dtype=np.int64)),
+        "metadata": pa.array([json.dumps(m) for m in metadata], pa.string()),
+        "image": tensor_array(images),
+        "latents": tensor_array(latents.astype(np.float32, copy=False)),
+        "timesteps": list_array(timesteps),
+        "log_probs": list_array(log_probs),
+        "forward_batch": pa.array(np.asarray(forward_batch, dtype=np.int64)),
+        "policy_version": pa.array(np.full(n, policy_version, dtype=np.int64)),
+        "rollout_worker": pa.array([rollout_worker] * n, pa.string()),
+    }
+    if prompt_embeds is not None:
+        if len(prompt_embeds) != n:
+            raise ValueError(f"make_rollout_batch: prompt_embeds has {len(prompt_embeds)} rows, prompts has {n}")
+        columns["prompt_embeds"] = pa.array(list(prompt_embeds), pa.binary())
+    return pa.RecordBatch.from_arrays(list(columns.values()), names=list(columns))
 
 
 def make_image_batch(prompts: Sequence[str], prompt_index: Sequence[int], metadata: Sequence[Mapping[str, Any]],

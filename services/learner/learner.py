@@ -36,10 +36,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 from peft import set_peft_model_state_dict
+from safetensors.torch import load as load_safetensors
 
 from common import wire
 from common.config import Config
-from common.denoising import PromptEmbeds, encode_prompts, guided_velocity, sigma_schedule
+from common.denoising import PromptEmbeds, guided_velocity, sigma_schedule
 from common.grpo import clipped_policy_loss
 from common.lora import LoraWeights, adapter_disabled, attach_lora, export_lora, lora_state_dict
 from common.models import Precision, load_pipeline, resolve_device
@@ -56,7 +57,7 @@ class Learner:
             torch.set_num_threads(config.run.num_torch_threads)
         self.device = resolve_device(config.model.device)
         self.pipe = load_pipeline(config.model.path, Precision.resolve(config.model.precision, self.device), self.device,
-                                  with_vae=False)
+                                  with_vae=False, with_text_encoders=False)
         self.transformer = self.pipe.transformer
         if config.learner.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
@@ -68,7 +69,7 @@ class Learner:
                                            weight_decay=t.weight_decay, eps=t.adam_eps)
         self.ema = LoraEma(self.params, t.ema_decay, t.ema_every) if t.ema else None
         self.version = 0
-        self.negative = encode_prompts(self.pipe, [config.sample.negative_prompt], config.model.max_sequence_length)
+        self.negative: PromptEmbeds | None = None  # read from the first rollout batch (no text encoder here)
         self.timesteps, self.sigmas = sigma_schedule(self.pipe.scheduler, config.sample.train_steps, self.device)
         self.paper_steps = list(range(int(t.timestep_fraction * config.sample.train_steps)))  # without a window
         self.generator = torch.Generator().manual_seed(config.run.seed)
@@ -123,9 +124,8 @@ class Learner:
         behaviour = torch.from_numpy(log_probs[:, steps]).float().to(self.device)
         adv = torch.tensor(data.column("advantage").to_numpy(), dtype=torch.float32, device=self.device)
         prompts = data.column("prompt").to_pylist()
-        unique = {p: i for i, p in enumerate(dict.fromkeys(prompts[r] for i in mine for r in batches[i].tolist()))}
-        embeds = encode_prompts(self.pipe, list(unique), self.config.model.max_sequence_length) if unique else None
-        cond = {i: embeds.select([unique[prompts[r]] for r in batches[i].tolist()]) for i in mine}
+        embeds = self._prompt_embeds([b for b in rollouts if b is not None])
+        cond = {i: PromptEmbeds.cat([embeds[prompts[r]] for r in batches[i].tolist()]) for i in mine}
         stale = data.column("policy_version").to_numpy() < self.version
         # Decoupled objective (module docstring): only samples of an older policy need the
         # proximal log-probs; on-policy batches use the paper's loss unchanged.
@@ -176,6 +176,21 @@ class Learner:
         if weights is not None:
             metrics["importance_weight_mean"] = float(weights.mean())
         return metrics
+
+    def _prompt_embeds(self, rollouts: list[pa.RecordBatch]) -> dict[str, PromptEmbeds]:
+        """Prompt -> its text embeddings, as the rollout computed them (the batches'
+        `prompt_embeds` column); the negative prompt's too, kept for later updates."""
+        out = {}
+        for batch in rollouts:
+            for prompt, blob in zip(batch.column("prompt").to_pylist(), batch.column("prompt_embeds").to_pylist()):
+                if blob is None:
+                    continue
+                tensors = load_safetensors(blob)
+                out[prompt] = PromptEmbeds(tensors["tokens"].to(self.device), tensors["pooled"].to(self.device))
+                if self.negative is None and "negative_tokens" in tensors:
+                    self.negative = PromptEmbeds(tensors["negative_tokens"].to(self.device),
+                                                 tensors["negative_pooled"].to(self.device))
+        return out
 
     def _trained_steps(self, log_probs: np.ndarray) -> list[int]:
         """The steps to train: the paper's first floor(timestep_fraction x T), or with an

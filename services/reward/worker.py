@@ -117,7 +117,7 @@ class RewardWorker:
         keep = ~np.isin(groups, list(failures))
         total = sum(weight * scores[name] for name, weight in self.weights.items())
         rows = batch.filter(pa.array(keep))
-        dropped = ("latents", "image") if evaluation else ("latents",)
+        dropped = ("latents", "prompt_embeds", "image") if evaluation else ("latents", "prompt_embeds")
         rows = rows.drop_columns([c for c in dropped if c in rows.schema.names])
         per_row = [{name: details[name][i] for name in names} for i in np.flatnonzero(keep)]
         scored = with_scores(rows, {n: s[keep] for n, s in scores.items()}, total[keep], per_row)

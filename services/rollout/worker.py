@@ -3,6 +3,7 @@ holds the pipeline with the current LoRA version and turns prompts into rollout 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from common import wire
 from common.config import Config
-from common.denoising import encode_prompts, sigma_schedule
+from common.denoising import PromptEmbeds, encode_prompts, sigma_schedule
 from common.lora import LoraWeights, attach_lora, load_lora, lora_state_dict
 from common.models import Precision, load_pipeline, resolve_device
 from services.rollout.sampler import initial_noise, sample_ode, sample_sde
@@ -33,6 +34,7 @@ class RolloutWorker:
         self.version = 0
         s = config.sample
         self.negative = encode_prompts(self.pipe, [s.negative_prompt], config.model.max_sequence_length)
+        self._embeds: OrderedDict[str, PromptEmbeds] = OrderedDict()  # prompt -> embeddings, most recent last
         self.train_schedule = sigma_schedule(self.pipe.scheduler, s.train_steps, self.device)
         self.eval_schedule = sigma_schedule(self.pipe.scheduler, s.eval_steps, self.device)
         self._busy_seconds = 0.0
@@ -52,6 +54,22 @@ class RolloutWorker:
         """The LoRA's weight names in the order of its parameters (the order in which the
         learner's EMA keeps its shadows)."""
         return list(lora_state_dict(self.pipe.transformer))
+
+    def embed(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """The prompts' text embeddings, from a cache of the `rollout.prompt_cache_size`
+        most recently used prompts (evaluation prompts recur every evaluation, training
+        prompts every epoch); the rest encoded in one batch."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._embeds))
+        if missing:
+            encoded = encode_prompts(self.pipe, missing, self.config.model.max_sequence_length)
+            for i, prompt in enumerate(missing):
+                self._embeds[prompt] = encoded.select([i])
+        for prompt in prompts:
+            self._embeds.move_to_end(prompt)
+        out = PromptEmbeds.cat([self._embeds[p] for p in prompts])
+        while len(self._embeds) > max(self.config.rollout.prompt_cache_size, len(prompts)):
+            self._embeds.popitem(last=False)
+        return out
 
     def set_weights(self, weights: LoraWeights) -> int:
         """Load a LoRA version published by the learner (digest and binding checked)."""
@@ -74,7 +92,7 @@ class RolloutWorker:
         start = time.perf_counter()
         s = self.config.sample
         g = s.group_size
-        embeds = encode_prompts(self.pipe, list(prompts), self.config.model.max_sequence_length)
+        embeds = self.embed(prompts)
         rows = torch.arange(len(prompts)).repeat_interleave(g)
         generator = torch.Generator(self.device).manual_seed(seed)
         timesteps, sigmas = self.train_schedule
@@ -97,9 +115,19 @@ class RolloutWorker:
             latents=np.concatenate(latents), timesteps=np.tile(timesteps.cpu().numpy(), (len(rows_np), 1)),
             log_probs=np.concatenate(log_probs), forward_batch=np.arange(len(rows_np)) // s.batch_size,
             policy_version=self.version, rollout_worker=self.name,
+            prompt_embeds=self._embeds_column(embeds, g),
         )
         self._busy_seconds += time.perf_counter() - start
         return batch
+
+    def _embeds_column(self, embeds: PromptEmbeds, group_size: int) -> list[bytes | None]:
+        """The `prompt_embeds` column: each prompt's embeddings on its group's first row,
+        and the negative prompt's on the call's first row, under the negative key."""
+        column: list[bytes | None] = [None] * (len(embeds) * group_size)
+        for i in range(len(embeds)):
+            column[i * group_size] = embeds.select([i]).to_bytes()
+        column[0] = _with_negative(column[0], self.negative)
+        return column
 
     def evaluate(self, prompts: Sequence[str], prompt_index: Sequence[int], metadata: Sequence[Mapping[str, Any]],
                  seeds: Sequence[Sequence[int]]) -> pa.RecordBatch:
@@ -108,7 +136,7 @@ class RolloutWorker:
         call holds), as one batch of the scorers' columns (wire.make_image_batch)."""
         start = time.perf_counter()
         s = self.config.sample
-        embeds = encode_prompts(self.pipe, list(prompts), self.config.model.max_sequence_length)
+        embeds = self.embed(prompts)
         rows = torch.arange(len(prompts)).repeat_interleave(torch.tensor([len(k) for k in seeds]))
         flat_seeds = [seed for per_prompt in seeds for seed in per_prompt]
         noise = torch.cat([initial_noise(self.pipe, 1, s.resolution, torch.Generator(self.device).manual_seed(seed))
@@ -122,3 +150,11 @@ class RolloutWorker:
                                       [metadata[i] for i in rows_np], np.concatenate(images), flat_seeds, self.version)
         self._busy_seconds += time.perf_counter() - start
         return batch
+
+
+def _with_negative(data: bytes, negative: PromptEmbeds) -> bytes:
+    from safetensors.torch import load, save
+
+    tensors = load(data)
+    tensors.update(negative_tokens=negative.tokens.cpu().contiguous(), negative_pooled=negative.pooled.cpu().contiguous())
+    return save(tensors)

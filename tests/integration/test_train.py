@@ -205,10 +205,12 @@ def test_async_mode_samples_while_the_learner_updates(ray_config, tmp_path):
     # iteration 1 was sampled during the update on iteration 0, still with version 0
     versions = pq.read_table(tmp_path / "run" / "rollouts").column("policy_version").to_pylist()
     assert [sorted(set(versions[8 * i:8 * (i + 1)])) for i in range(3)] == [[0], [0], [1]]
-    # the learner trains on them with their behaviour log-probs: the ratio before its first
-    # step is 1 on iteration 0's on-policy samples and departs from 1 on the older ones
-    assert history[0]["ratio_dev_before_update"] < 1e-5
-    assert all(h["ratio_dev_before_update"] > 1e-4 for h in history[1:])
+    # the learner trains on stale samples with the decoupled objective: the ratio is taken
+    # against the weights at the start of the update (1 before its first step), and the
+    # behaviour policy's difference goes into the importance weights
+    assert all(h["ratio_dev_before_update"] < 1e-5 for h in history)
+    assert history[0]["stale_fraction"] == 0 and "importance_weight_mean" not in history[0]
+    assert all(h["stale_fraction"] == 1 and h["importance_weight_mean"] != 1.0 for h in history[1:])
     assert [h["policy_version"] for h in history] == [1.0, 2.0, 3.0]
 
 

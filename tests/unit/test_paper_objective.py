@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from common import wire
-from common.denoising import encode_prompts
 from common.grpo import clipped_policy_loss
 from common.lora import adapter_disabled
 from common.sde import kl_to_reference, sde_step_with_logprob
@@ -27,17 +26,18 @@ def _perturb(learner, scale=0.05, seed=0):
 
 
 def _scored_batch(config, learner):
-    """A rollout sampled with the learner's LoRA, scored and with advantages."""
+    """A rollout sampled with the learner's LoRA, scored and with advantages, and the
+    rollout worker (its text encoders embed prompts for the checks; the learner has none)."""
     rollout = RolloutWorker(config)
     rollout.set_weights(learner.weights())
     batch = rollout.generate(PROMPTS, [0, 1], [{}, {}], seed=3)
     scored, failures = RewardWorker(config.reward).score(batch)
     assert not failures
     data, _ = assign_advantages(wire.concat([scored]), config.train)
-    return data, batch
+    return data, batch, rollout
 
 
-def _reference_gradient(learner, data, batch):
+def _reference_gradient(learner, data, batch, rollout):
     """The gradient of the paper's loss for one micro-batch, from separate forwards of
     both branches with gradients: v = v_u + s (v_c - v_u)."""
     config = learner.config
@@ -46,8 +46,8 @@ def _reference_gradient(learner, data, batch):
     latents = torch.from_numpy(wire.join_latents(data, [batch]))
     old = torch.from_numpy(wire.list_column(data, "log_probs"))
     adv = torch.tensor(data.column("advantage").to_numpy(), dtype=torch.float32)
-    cond = encode_prompts(learner.pipe, data.column("prompt").to_pylist(), config.model.max_sequence_length)
-    uncond = learner.negative.expand(len(adv))
+    cond = rollout.embed(data.column("prompt").to_pylist())
+    uncond = rollout.negative.expand(len(adv))
 
     def velocity(x, j):
         tt = learner.timesteps[j].expand(len(x))
@@ -69,14 +69,15 @@ def _reference_gradient(learner, data, batch):
     return [p.grad.clone() for p in learner.params]
 
 
-def _learner_gradient(learner, data, batch):
+def _learner_gradient(learner, data, batch, rollout):
     """The gradient the learner's own accumulation leaves for the same micro-batch."""
     t = learner.config.train
     steps = learner.paper_steps
     latents = torch.from_numpy(wire.join_latents(data, [batch]))[:, : len(steps) + 1]
     old = torch.from_numpy(wire.list_column(data, "log_probs"))[:, : len(steps)]
     adv = torch.tensor(data.column("advantage").to_numpy(), dtype=torch.float32)
-    cond = encode_prompts(learner.pipe, data.column("prompt").to_pylist(), learner.config.model.max_sequence_length)
+    cond = rollout.embed(data.column("prompt").to_pylist())
+    learner.negative = rollout.negative
     for p in learner.params:
         p.grad = None
     learner._accumulate(latents, old, adv, cond, None, steps, 1.0 / len(steps))
@@ -91,10 +92,10 @@ def test_cfg_gradient_flows_through_both_branches_by_default(tiny_config, mode):
                          "sample.guidance_scale=4.5")
     learner = Learner(config)
     _perturb(learner)
-    data, batch = _scored_batch(config, learner)
+    data, batch, rollout = _scored_batch(config, learner)
     _perturb(learner, seed=1)  # move off-policy so ratios differ from 1
-    ours = _learner_gradient(learner, data, batch)
-    reference = _reference_gradient(learner, data, batch)
+    ours = _learner_gradient(learner, data, batch, rollout)
+    reference = _reference_gradient(learner, data, batch, rollout)
     close = all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(ours, reference))
     assert close == (mode == "joint")
     assert any(g.abs().sum() > 0 for g in ours)
@@ -107,7 +108,7 @@ def test_first_step_ratio_is_one_in_every_precision(tiny_config, precision):
     config = tiny_config(f"model.precision={precision}", "train.beta=0.04")
     learner = Learner(config)
     _perturb(learner)
-    data, batch = _scored_batch(config, learner)
+    data, batch, rollout = _scored_batch(config, learner)
     metrics = learner.train(data, batch)
     print(f"{precision}: first-step ratio deviation {metrics['ratio_dev_before_update']:.3g}")
     assert metrics["ratio_dev_before_update"] <= 1e-6  # a float32 ulp of exp(0); 0 in bf16 and fp16
@@ -121,7 +122,7 @@ def test_detached_cfg_changes_the_forward_batch(tiny_config):
     config = tiny_config("model.precision=bf16", "train.cfg_gradient=detached")
     learner = Learner(config)
     _perturb(learner)
-    data, batch = _scored_batch(config, learner)
+    data, batch, rollout = _scored_batch(config, learner)
     metrics = learner.train(data, batch)
     print(f"bf16 detached: first-step ratio deviation {metrics['ratio_dev_before_update']:.3g}")
     assert metrics["ratio_dev_before_update"] > config.train.clip_range
@@ -182,7 +183,7 @@ def test_stale_samples_are_clipped_against_the_proximal_policy(tiny_config):
     config = tiny_config("train.beta=0")
     learner = Learner(config)
     _perturb(learner)
-    data, batch = _scored_batch(config, learner)
+    data, batch, rollout = _scored_batch(config, learner)
     _perturb(learner, seed=1)
     learner.version = 1  # the batch carries version 0: one version stale
     metrics = learner.train(data, batch)
@@ -213,3 +214,25 @@ def test_sde_window_start_is_drawn_in_its_range():
     starts = {sde_window(2, [1, 5], seed)[0] for seed in range(200)}
     assert starts == {1, 2, 3}
     assert sde_window(0, [0, 9], 0) is None
+
+
+def test_learner_loads_no_text_encoder_and_reads_the_rollouts_embeddings(tiny_config):
+    config = tiny_config()
+    learner = Learner(config)
+    assert learner.pipe.text_encoder is None and learner.pipe.text_encoder_3 is None
+    data, batch, rollout = _scored_batch(config, learner)
+    embeds = learner._prompt_embeds([batch])
+    assert set(embeds) == set(PROMPTS)
+    for prompt in PROMPTS:
+        assert torch.equal(embeds[prompt].tokens, rollout.embed([prompt]).tokens)
+    assert torch.equal(learner.negative.tokens, rollout.negative.tokens)
+    assert wire.for_log(data).column_names.count("prompt_embeds") == 0 and "prompt_embeds" not in data.column_names
+
+
+def test_rollout_worker_caches_the_embeddings_of_recent_prompts(tiny_config):
+    rollout = RolloutWorker(tiny_config("rollout.prompt_cache_size=2"))
+    first = rollout.embed(["a red cat"])
+    assert rollout.embed(["a red cat"]).tokens is not None and list(rollout._embeds) == ["a red cat"]
+    rollout.embed(["a blue dog", "a green car"])
+    assert list(rollout._embeds) == ["a blue dog", "a green car"]  # the oldest left
+    assert torch.equal(rollout.embed(["a red cat"]).tokens, first.tokens)  # encoded again, the same
