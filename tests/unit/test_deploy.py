@@ -74,7 +74,11 @@ def test_sd35_configs_carry_the_papers_settings(task):
     assert sorted(c.lora.target_modules) == sorted(ATTENTION_PROJECTIONS)
     assert c.reward.weights == {task: 1.0} and not c.reward.endpoints
     assert (c.prompts.train, c.prompts.eval, c.prompts.format) == PROMPTS[task]
-    assert c.rollout.num_gpus == 1 and c.rollout.num_workers >= 1 and c.learner.num_gpus == 1
+    # every GPU of the 16 the examples ask for hosts a rollout worker and a learner rank (the
+    # paper's schedule), the reward workers share what is left
+    assert c.placement == "colocated" and c.rollout.num_workers == c.learner.num_workers
+    assert c.rollout.num_gpus + c.learner.num_gpus == 1
+    assert c.rollout.num_workers + c.reward.num_workers * c.reward.num_gpus == 16
     assert c.run.mode == "sync"
     # the paper's evaluation: the whole test split, GenEval's 553 prompts x 4 images, OCR's and PickScore's x 1
     assert (c.run.eval_every, c.run.eval_prompts, c.run.eval_images_per_prompt) == (60, 0, PAPER_EVAL_IMAGES[task])
