@@ -25,6 +25,8 @@ examples:
   flowgrpo make-prompts geneval train.jsonl --avoid test_metadata.jsonl
                                                    GenEval-style training prompts, none from the test set
   flowgrpo serve-reward --scorer ocr --port 50051  a scorer behind gRPC, in its own process
+  flowgrpo gpu-check --json gpu.json               SD3.5 Medium's per-role speed and memory on this GPU
+  flowgrpo plan --run runs/geneval --gpus 16       the fastest placement and split of 16 GPUs
 """
 
 
@@ -107,6 +109,43 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a config value, e.g. run.eval_prompts=64 or rollout.num_workers=8")
     evaluate.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local cluster)")
+
+    check = sub.add_parser(
+        "gpu-check", help="per-role speed and memory of SD3.5 Medium on this GPU (random weights)",
+        description="Build SD3.5 Medium's transformer from its published config with random weights (no download; "
+                    "random embeddings of the real shapes stand in for the text encoders) and measure, through the "
+                    "project's own sampler and learner code: rollout images/s, learner samples/s with and without "
+                    "KL and gradient checkpointing, peak memory per role, the first-step ratio deviation in "
+                    "model.precision, and the time to serialize the LoRA and load it into 4 transformers. "
+                    "Under 8 minutes on one GPU. --size small runs the same code on a tiny model in seconds.")
+    check.add_argument("--config", type=Path, help="YAML config for precision, sizes and loss "
+                                                   "(default: deploy/configs/sd35_geneval.yaml)")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. model.precision=bf16 or train.micro_batch_size=4")
+    check.add_argument("--size", choices=["sd35-medium", "small"], default="sd35-medium",
+                       help="sd35-medium (default) or small: a tiny transformer on the CPU, to test the command")
+    check.add_argument("--repeats", type=int, default=2, help="timed repetitions after one warm-up (default 2)")
+    check.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON (for flowgrpo plan)")
+
+    planner = sub.add_parser(
+        "plan", help="the fastest placement and split of N GPUs, predicted from measured costs",
+        description="Predict the time per iteration of every placement (split, colocated) and split of --gpus "
+                    "devices in sync and async mode, beside the paper's script (every device samples, then "
+                    "trains), from per-role costs measured in a run (--run), by flowgrpo gpu-check "
+                    "(--from-gpu-check), or given per image (--per-image-seconds); the model is in "
+                    "services/controller/planner.py.")
+    source = planner.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, metavar="RUN_DIR", help="a run folder of flowgrpo train (its "
+                                                                    "metrics.jsonl and config.yaml)")
+    source.add_argument("--from-gpu-check", type=Path, metavar="JSON", help="the figures of flowgrpo gpu-check --json")
+    source.add_argument("--per-image-seconds", metavar="ROLLOUT,LEARN",
+                        help="seconds to sample one image and to train on one, on one device (e.g. 1,2.5)")
+    planner.add_argument("--gpus", type=int, required=True, metavar="N", help="devices to plan for")
+    planner.add_argument("--config", type=Path, help="with --from-gpu-check or --per-image-seconds: the run's YAML "
+                                                     "config (default: deploy/configs/sd35_geneval.yaml)")
+    planner.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    planner.add_argument("--compare", type=Path, nargs="+", metavar="RUN_DIR",
+                         help="measured runs of other layouts: each one's time per iteration beside the prediction")
     return parser
 
 
@@ -242,6 +281,51 @@ def _pretrain_toy(args) -> int:
     return 0
 
 
+SD35_CONFIG = REPO_ROOT / "deploy" / "configs" / "sd35_geneval.yaml"
+
+
+def _gpu_check(args) -> int:
+    from common.config import ConfigError, load_config
+    from services.controller.gpu_check import run_check, write_json
+
+    if args.repeats < 1:
+        raise ConfigError("--repeats: must be at least 1")
+    overrides = (["model.device=cpu", "model.precision=fp32"] if args.size == "small" else []) + args.overrides
+    figures = run_check(load_config(args.config or SD35_CONFIG, overrides), args.size, args.repeats)
+    if args.json:
+        write_json(figures, args.json)
+        print(f"flowgrpo: figures written to {args.json}")
+    return 0
+
+
+def _plan(args) -> int:
+    from common.config import ConfigError, load_config
+    from services.controller import planner
+
+    if args.gpus < 1:
+        raise ConfigError("--gpus: must be at least 1")
+    if args.run:
+        if args.config:
+            raise ConfigError("--config: not with --run, whose config.yaml is used")
+        costs, config = planner.costs_from_run(args.run)
+    else:
+        config = load_config(args.config or SD35_CONFIG, args.overrides)
+        if args.from_gpu_check:
+            costs = planner.costs_from_gpu_check(args.from_gpu_check, config)
+        else:
+            try:
+                rollout, learn = (float(v) for v in args.per_image_seconds.split(","))
+            except ValueError:
+                raise ConfigError(f"--per-image-seconds: give two numbers ROLLOUT,LEARN, e.g. 1,2.5; "
+                                  f"got {args.per_image_seconds!r}") from None
+            costs = planner.costs_per_image(rollout, learn, config, f"given per image: rollout {rollout:g} s, "
+                                                                     f"learn {learn:g} s")
+    print(planner.report(costs, args.gpus, config))
+    if args.compare:
+        print(planner.compare(costs, args.compare)[0])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if hasattr(args, "address") and loopback.starts_local_cluster(args.address):
@@ -269,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
             return _pretrain_toy(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "gpu-check":
+            return _gpu_check(args)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "serve-reward":
             from common.config import check_scorer_name, load_config
             from services.reward.grpc_service import PortInUseError, run_server
