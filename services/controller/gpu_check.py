@@ -33,7 +33,7 @@ import json
 import math
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -86,7 +86,8 @@ class Shapes:
     def of(size: str, config: Config) -> "Shapes":
         if size == "small":
             s = SMALL_SHAPES
-            return Shapes(SMALL, SMALL_VAE, s["resolution"], s["batch"], s["batch"], s["clip_tokens"] + s["text_tokens"])
+            return Shapes(SMALL, SMALL_VAE, s["resolution"], s["batch"], s["batch"],
+                          s["clip_tokens"] + s["text_tokens"])
         if size == "sd35-medium":
             return Shapes(SD35_MEDIUM, SD35_VAE, config.sample.resolution, config.sample.batch_size,
                           config.train.micro_batch_size, CLIP_TOKENS + config.model.max_sequence_length)
@@ -122,14 +123,16 @@ def _pipe(shapes: Shapes, transformer, device: torch.device):
 
     with torch.device(device):
         vae = AutoencoderKL(**shapes.vae).requires_grad_(False).eval()
-    return StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    return StableDiffusion3Pipeline(transformer=transformer, vae=vae,
+                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                                     text_encoder_3=None, tokenizer_3=None)
 
 
 def _embeds(shapes: Shapes, batch: int, dtype: torch.dtype, device: torch.device, generator) -> PromptEmbeds:
     t = shapes.transformer
-    return PromptEmbeds(torch.randn(batch, shapes.tokens, t["joint_attention_dim"], generator=generator).to(device, dtype),
+    tokens = torch.randn(batch, shapes.tokens, t["joint_attention_dim"], generator=generator)
+    return PromptEmbeds(tokens.to(device, dtype),
                         torch.randn(batch, t["pooled_projection_dim"], generator=generator).to(device, dtype))
 
 
@@ -194,7 +197,8 @@ def run_check(config: Config, size: str = "sd35-medium", repeats: int = 2, log=p
     out["rollout_images_per_second"] = shapes.batch / (sum(seconds[1:]) / repeats)
     out["rollout_peak_gib"] = _peak_gib(device)
     log(f"gpu-check: rollout {out['rollout_images_per_second']:.3f} images/s ({s.train_steps} SDE steps, "
-        f"CFG {s.guidance_scale:g}, batch {shapes.batch}, {shapes.resolution} px), peak {out['rollout_peak_gib']:.2f} GiB")
+        f"CFG {s.guidance_scale:g}, batch {shapes.batch}, {shapes.resolution} px), "
+        f"peak {out['rollout_peak_gib']:.2f} GiB")
 
     # Learner: one optimizer step on one micro-batch of those samples per timing.
     rows = torch.arange(shapes.micro_batch) % shapes.batch
@@ -209,7 +213,8 @@ def run_check(config: Config, size: str = "sd35-medium", repeats: int = 2, log=p
     def optimizer_step(beta: float) -> dict:
         learner.config = _with_beta(config, beta)
         optimizer.zero_grad(set_to_none=True)
-        metrics = learner._accumulate(latents, old_log_probs, advantages, cond.select(rows), None, steps, 1 / len(steps))
+        metrics = learner._accumulate(latents, old_log_probs, advantages, cond.select(rows), None, steps,
+                                      1 / len(steps))
         torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
         optimizer.step()
         return metrics
@@ -220,22 +225,30 @@ def run_check(config: Config, size: str = "sd35-medium", repeats: int = 2, log=p
             transformer.enable_gradient_checkpointing()
         for kl in (False, True):
             key = f"learner{'_kl' if kl else ''}{'_checkpointing' if checkpointing else ''}"
+            what = (f"learner {'with' if kl else 'without'} KL, {'with' if checkpointing else 'without'} gradient "
+                    f"checkpointing")
             _reset_peak(device)
             seconds = []
-            for _ in range(repeats + 1):
-                _sync(device)
-                begin = time.perf_counter()
-                metrics = optimizer_step(beta_kl if kl else 0.0)
-                if "first_step_ratio_dev" not in out:  # the very first step, before any update
-                    out["first_step_ratio_dev"] = float(metrics["ratio_dev"])
-                    log(f"gpu-check: first-step ratio deviation {out['first_step_ratio_dev']:.3g} "
-                        f"({config.model.precision})")
-                _sync(device)
-                seconds.append(time.perf_counter() - begin)
+            try:
+                for _ in range(repeats + 1):
+                    _sync(device)
+                    begin = time.perf_counter()
+                    metrics = optimizer_step(beta_kl if kl else 0.0)
+                    if "first_step_ratio_dev" not in out:  # the very first step, before any update
+                        out["first_step_ratio_dev"] = float(metrics["ratio_dev"])
+                        log(f"gpu-check: first-step ratio deviation {out['first_step_ratio_dev']:.3g} "
+                            f"({config.model.precision})")
+                    _sync(device)
+                    seconds.append(time.perf_counter() - begin)
+            except torch.cuda.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                out[f"{key}_samples_per_second"], out[f"{key}_peak_gib"] = None, _peak_gib(device)
+                log(f"gpu-check: {what}: out of memory (micro-batch {shapes.micro_batch}); lower "
+                    "train.micro_batch_size or turn on learner.gradient_checkpointing")
+                continue
             out[f"{key}_samples_per_second"] = shapes.micro_batch / (sum(seconds[1:]) / repeats)
             out[f"{key}_peak_gib"] = _peak_gib(device)
-            log(f"gpu-check: learner {'with' if kl else 'without'} KL, {'with' if checkpointing else 'without'} "
-                f"gradient checkpointing: {out[f'{key}_samples_per_second']:.3f} samples/s ({len(steps)} steps, "
+            log(f"gpu-check: {what}: {out[f'{key}_samples_per_second']:.3f} samples/s ({len(steps)} steps, "
                 f"micro-batch {shapes.micro_batch}), peak {out[f'{key}_peak_gib']:.2f} GiB")
     transformer.disable_gradient_checkpointing()
     del optimizer, learner, latents, rollout
@@ -244,8 +257,6 @@ def run_check(config: Config, size: str = "sd35-medium", repeats: int = 2, log=p
 
 
 def _with_beta(config: Config, beta: float) -> Config:
-    from dataclasses import replace
-
     return replace(config, train=replace(config.train, beta=beta))
 
 
@@ -274,6 +285,7 @@ def _broadcast(config: Config, shapes: Shapes, precision: Precision, device: tor
 
 
 def write_json(figures: dict, path: str | Path) -> None:
+    """The figures as JSON; a learner variant that ran out of memory is null."""
     bad = [k for k, v in figures.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         raise ValueError(f"gpu-check: figures {bad} are not finite")

@@ -199,6 +199,10 @@ def costs_from_gpu_check(path: Path, config: Config) -> Costs:
     figures = json.loads(Path(path).read_text())
     key = f"learner{'_kl' if config.train.beta > 0 else ''}" \
           f"{'_checkpointing' if config.learner.gradient_checkpointing else ''}_samples_per_second"
+    if figures.get(key) is None:
+        raise ConfigError(f"--from-gpu-check {path}: the check ran out of memory for this config's learner "
+                          f"({key}); run it again with a smaller train.micro_batch_size or with "
+                          "learner.gradient_checkpointing=true, and plan with the same --set")
     base = _common(config, figures["lora_megabytes"] * 1e6)
     sync = figures["lora_serialize_seconds"] + figures["lora_load_seconds"] / figures["lora_copies"]
     return Costs(call_seconds=images_per_call(config) / figures["rollout_images_per_second"],

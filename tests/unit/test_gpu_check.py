@@ -19,7 +19,7 @@ FIGURES = ["rollout_images_per_second", "rollout_peak_gib", "first_step_ratio_de
 def test_small_gpu_check_prints_and_writes_every_figure(tmp_path, capsys):
     path = tmp_path / "gpu.json"
     assert cli.main(["gpu-check", "--size", "small", "--repeats", "1", "--json", str(path),
-                     "--set", "run.num_torch_threads=1"]) == 0
+                     "--set", "run.num_torch_threads=1", "--set", "sample.train_steps=4"]) == 0
     out = capsys.readouterr().out
     figures = json.loads(path.read_text())
     for name in FIGURES:

@@ -29,7 +29,8 @@ def test_issue_example_sixteen_gpus():
     unit = 1152 * 1.0 / 8
     assert costs.reward_devices == 1
     assert predict(costs, Layout("split", "sync", 8, 1)) == pytest.approx(21 * unit)
-    assert predict(costs, Layout("paper", "sync", 16, 16)) == pytest.approx(1.75 * unit, rel=1e-4)  # + two all-reduces of 3 ms
+    # + two all-reduces of 3 ms
+    assert predict(costs, Layout("paper", "sync", 16, 16)) == pytest.approx(1.75 * unit, rel=1e-4)
     best, seconds = planner.recommend(planner.plan(costs, 16))
     assert seconds < 2.5 * unit and best.learners > 1
 
@@ -58,7 +59,8 @@ def test_learner_ranks_pay_whole_calls_and_one_allreduce_per_step():
 def test_layouts_cover_every_split():
     costs = paper_costs()
     found = planner.layouts(costs, 8)
-    assert {(lay.rollout, lay.learners) for lay in found if lay.placement == "split"} == {(r, 7 - r) for r in range(1, 7)}
+    splits = {(lay.rollout, lay.learners) for lay in found if lay.placement == "split"}
+    assert splits == {(r, 7 - r) for r in range(1, 7)}
     assert Layout("colocated", "sync", 7, 7) in found and Layout("paper", "sync", 8, 8) in found
     with pytest.raises(ConfigError, match="--gpus"):
         planner.layouts(costs, 1)
