@@ -4,7 +4,7 @@ Every section of the YAML is a dataclass below and every key a field, so
 `train.learning_rate` in YAML is `config.train.learning_rate` in code. Loading
 checks unknown keys, types and cross-field consistency, and raises
 `ConfigError` naming the dotted path of the field and the fix, before any
-worker starts. Defaults are the paper's SD3.5 settings (Flow-GRPO, DESIGN.md §1).
+worker starts. Defaults are the paper's SD3.5 settings (Flow-GRPO, DESIGN.md §1.10).
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ class SampleConfig:
 
 @dataclass
 class TrainConfig:
-    """The GRPO update (DESIGN.md §1): clipped ratio, KL to the LoRA-disabled reference.
+    """The GRPO update (DESIGN.md §1.5, §1.7): clipped ratio, KL to the LoRA-disabled reference.
 
     `cfg_gradient`: `joint` (the paper's) recomputes the guided velocity
     v = v_u + s (v_c - v_u) with the rollout's very forward, one batch of 2B

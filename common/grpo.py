@@ -1,4 +1,4 @@
-"""GRPO math: group-relative advantages and the clipped policy loss (DESIGN.md §1)."""
+"""GRPO math: group-relative advantages and the clipped policy loss (DESIGN.md §1.4, §1.5, §1.6)."""
 from __future__ import annotations
 
 from typing import NamedTuple

@@ -1,5 +1,5 @@
 """The Flow-GRPO SDE step: the ODE sampler turned into an SDE with the same marginals,
-and the Gaussian log-density of each step (DESIGN.md §1).
+and the Gaussian log-density of each step (DESIGN.md §1.2).
 
 Rectified-flow convention: x_t = (1 - t) x_0 + t eps, sigma runs 1 (noise) -> 0 (data),
 dt = sigma_next - sigma < 0, and the model predicts the velocity v. With noise level a:

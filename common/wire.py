@@ -1,6 +1,6 @@
 """The rollout batch on the wire: one Arrow record batch per chunk of images.
 
-Columns (DESIGN.md "Data on the wire"):
+Columns (DESIGN.md §3, "Data on the wire"):
 
     prompt          string
     prompt_index    int64        group key: images of one prompt draw share it
@@ -171,7 +171,7 @@ def concat(batches: Sequence[pa.RecordBatch]) -> pa.Table:
 def join_latents(data: pa.Table, rollouts: Sequence[pa.RecordBatch]) -> np.ndarray:
     """The latents of `data`'s rows, read from the rollout batches they came from.
 
-    Scoring returns batches without latents (DESIGN's largest column: T+1 latents per
+    Scoring returns batches without latents (the largest column, T+1 latents per
     image), so they travel once, from the rollout worker's output straight to the
     learner. `data` holds the rows of the groups that survived scoring, in the order of
     `rollouts`; group keys (`prompt_index`) are unique within an iteration."""

@@ -2,9 +2,10 @@
 
 While the learner updates on iteration k, the rollout workers already sample iteration
 k + 1 with the LoRA they hold; the new version is queued behind those calls. Samples are
-thus at most one version stale (`run.max_staleness` >= 1), and the PPO ratio uses the
-behaviour log-probs that came with each sample, as DESIGN.md §2 asks. The learner's
-time is hidden behind rollouts instead of adding to them.
+thus at most one version stale (`run.max_staleness` >= 1), and the learner trains them
+with the decoupled objective, from the behaviour log-probs that came with each sample
+(DESIGN.md §1.6, §2.4). The learner's time is hidden behind rollouts instead of adding
+to them.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from services.controller.run_folder import reward_summary
 
 def assign_advantages(data: pa.Table, train: TrainConfig) -> tuple[pa.Table, dict[str, float]]:
     """Group-relative advantages from the weighted `reward` column, grouped by
-    `prompt_index` (DESIGN.md §1), and the statistics the run logs."""
+    `prompt_index` (DESIGN.md §1.4), and the statistics the run logs."""
     out = group_advantages(data.column("reward").to_numpy(), data.column("prompt_index").to_numpy(),
                            global_std=train.global_std, clip=train.adv_clip_max)
     stats = {
