@@ -48,3 +48,19 @@ def test_loss_falls(tmp_path):
     torch.set_num_threads(1)
     record = pretrain(tmp_path / "m", PretrainConfig(steps=40, batch_size=8, warmup=5), progress=False)
     assert record["final_loss"] < 0.7 * record["first_loss"]
+
+
+def test_shipped_model_is_found_from_any_directory_and_loads(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from common.config import load_config
+    from services.controller.preflight import prepare
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(tmp_path)
+    config = prepare(load_config(repo / "deploy" / "configs" / "toy_geneval.yaml"))
+    assert Path(config.model.path) == repo / "common" / "toy_model"
+    record = json.loads((Path(config.model.path) / MARKER).read_text())
+    assert record["steps_done"] == record["config"]["steps"] and record["max_sequence_length"] == config.model.max_sequence_length
+    pipe = load_pipeline(config.model.path)
+    assert pipe.vae_scale_factor == 4 and pipe.transformer.config.sample_size == 16
