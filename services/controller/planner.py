@@ -10,23 +10,30 @@ Costs (seconds on one device; `Costs`):
     a(L)  one all-reduce of the LoRA gradients of L ranks (ring): 0 for L = 1, else
           alpha + 2 (L - 1) / L * lora_bytes / bandwidth
 
-An iteration has n rollout calls, S trained samples (zero-advantage groups are not
-trained) and k = train.optimizer_steps_per_iteration x train.inner_epochs optimizer
-steps. Calls are indivisible and call i goes to worker (and learner rank) i mod R, so
+An iteration has n rollout calls of m learner micro-batches each, S trained samples
+(zero-advantage groups are not trained) and k = train.optimizer_steps_per_iteration x
+train.inner_epochs optimizer steps. Calls are indivisible and call i goes to worker
+(and learner rank) i mod R. The learner ranks run in lock step (Learner.train): each
+epoch shuffles the n m micro-batches, cuts them into optimizer steps, and every rank
+waits at each step's all-reduce for the rank with the most of that step's micro-batches
+(a micro-batch belongs to the rank of its call). With B(L) the expected sum over the
+steps of that busiest rank's count (`busiest_micro_batches`, by simulation of that
+schedule; B(1) = n m),
 
     roll(R)  = ceil(n / R) c_r
-    learn(L) = ceil(n / L) (S / n) c_l + k a(L)
+    learn(L) = B(L) (S / (n m)) c_l + k a(L)
 
 and with G devices for the reward workers (ceil(reward.num_workers x reward.num_gpus)):
 
     split sync       roll(R) + tail + learn(L) + w + o             R + L = N - G
     split async      max(roll(R) + tail, learn(L)) + w + o         rollout overlaps the update
     colocated sync   roll(M) + tail + learn(M) + w + o             M = N - G, both roles on each
-    paper's script   roll(N) + tail + learn(N)                     every device samples, then trains
+    paper's script   roll(N) + tail + learn(N)                     every device samples, then trains,
+                                                                   its ranks balanced: B(N) = ceil(n m / N)
 
 Colocated async is not listed: both roles would share each device's compute, so it is
 no faster than colocated sync in this model. Costs come from a run's metrics.jsonl
-(c_r = time/rollout_compute / ceil(n / R0), c_l = learn_seconds / (ceil(n / L0) S / n),
+(c_r = time/rollout_compute / ceil(n / R0), c_l = learn_seconds / (B(L0) S / (n m)),
 tail = time/reward_tail, w = time/weight_sync, o = time/iteration less all of those;
 means over the iterations after the first, which warms up, and without evaluation),
 from `flowgrpo gpu-check`'s JSON (c_r, c_l, w; tail and o are 0 there: no reward, no
@@ -38,6 +45,8 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from common.config import Config, ConfigError, load_config
 
@@ -53,7 +62,9 @@ class Costs:
     sample_seconds: float    # c_l
     calls: int               # n
     trained: float           # S
-    optimizer_steps: int     # k
+    optimizer_steps: int     # k (all epochs)
+    micro_batches: int       # m, per call
+    epochs: int              # train.inner_epochs
     reward_devices: int      # G
     lora_bytes: float
     allreduce: tuple[float, float]  # (alpha, bandwidth)
@@ -83,16 +94,34 @@ def rollout_seconds(costs: Costs, workers: int) -> float:
     return math.ceil(costs.calls / workers) * costs.call_seconds
 
 
-def learn_seconds(costs: Costs, ranks: int) -> float:
-    per_call = costs.trained / costs.calls * costs.sample_seconds
-    return math.ceil(costs.calls / ranks) * per_call + costs.optimizer_steps * allreduce_seconds(costs, ranks)
+def busiest_micro_batches(costs: Costs, ranks: int, draws: int = 200) -> float:
+    """B(L): the expected sum over optimizer steps of the busiest rank's micro-batches
+    under Learner.train's schedule (module docstring), by `draws` seeded draws."""
+    owner = np.repeat(np.arange(costs.calls) % ranks, costs.micro_batches)
+    if ranks == 1:
+        return float(len(owner))
+    rng = np.random.default_rng(0)
+    total = 0
+    for _ in range(draws * costs.epochs):
+        for part in np.array_split(rng.permutation(len(owner)), costs.optimizer_steps // costs.epochs):
+            total += np.bincount(owner[part], minlength=ranks).max() if len(part) else 0
+    return total / draws
+
+
+def learn_seconds(costs: Costs, ranks: int, balanced: bool = False) -> float:
+    """learn(L); `balanced`: every rank trains the same number of micro-batches in every
+    step (the paper's script: each GPU trains the samples it drew), ceil(n m / L) each."""
+    per_micro_batch = costs.trained / (costs.calls * costs.micro_batches) * costs.sample_seconds
+    busiest = (math.ceil(costs.calls * costs.micro_batches / ranks) if balanced
+               else busiest_micro_batches(costs, ranks))
+    return busiest * per_micro_batch + costs.optimizer_steps * allreduce_seconds(costs, ranks)
 
 
 def predict(costs: Costs, layout: Layout) -> float:
     """Seconds per iteration (module docstring)."""
     roll, learn = rollout_seconds(costs, layout.rollout), learn_seconds(costs, layout.learners)
     if layout.placement == "paper":
-        return roll + costs.tail + learn
+        return roll + costs.tail + learn_seconds(costs, layout.learners, balanced=True)
     if layout.mode == "async" and layout.placement == "split":
         return max(roll + costs.tail, learn) + costs.sync + costs.overhead
     return roll + costs.tail + learn + costs.sync + costs.overhead
@@ -136,10 +165,18 @@ def images_per_call(config: Config) -> int:
     return math.ceil(images / calls)
 
 
+def micro_batches_per_call(config: Config) -> int:
+    """The learner's micro-batches of one call: its denoising batches (sample.batch_size
+    images) each cut to train.micro_batch_size (Learner._micro_batches)."""
+    images, batch = images_per_call(config), config.sample.batch_size
+    return math.ceil(images / batch) * math.ceil(min(batch, images) / config.train.micro_batch_size)
+
+
 def _common(config: Config, lora_bytes: float | None) -> dict:
     calls, images, steps = iteration_shape(config)
     on_gpu = config.learner.num_gpus > 0
-    return dict(calls=calls, trained=float(images), optimizer_steps=steps,
+    return dict(calls=calls, trained=float(images), optimizer_steps=steps, micro_batches=micro_batches_per_call(config),
+                epochs=config.train.inner_epochs,
                 reward_devices=math.ceil(config.reward.num_workers * config.reward.num_gpus - 1e-9),
                 lora_bytes=SD35_MEDIUM_LORA_BYTES if lora_bytes is None else lora_bytes,
                 allreduce=GPU_ALLREDUCE if on_gpu else CPU_ALLREDUCE)
@@ -183,7 +220,8 @@ def costs_from_run(run_dir: Path) -> tuple[Costs, Config]:
     tail, sync = _mean(rows, "time/reward_tail"), _mean(rows, "time/weight_sync")
     overhead = _mean(rows, "time/iteration") - (rollout + tail + learn + sync)
     return replace(draft, call_seconds=rollout / math.ceil(draft.calls / layout.rollout),
-                   sample_seconds=compute / (math.ceil(draft.calls / layout.learners) * draft.trained / draft.calls),
+                   sample_seconds=compute / (busiest_micro_batches(draft, layout.learners) * draft.trained
+                                             / (draft.calls * draft.micro_batches)),
                    tail=tail, sync=sync, overhead=max(overhead, 0.0),
                    source=f"measured in {run_dir} ({layout}, {len(rows)} iterations)"), config
 
@@ -226,7 +264,8 @@ def report(costs: Costs, devices: int, config: Config) -> str:
              f"{costs.sample_seconds:.4g} s, reward tail {costs.tail:.3g} s, weight sync {costs.sync:.3g} s, "
              f"overhead {costs.overhead:.3g} s, all-reduce of {costs.lora_bytes / 1e6:.3g} MB "
              f"(alpha {costs.allreduce[0]:g} s, {costs.allreduce[1] / 1e9:g} GB/s)",
-             f"iteration: {images} images in {calls} rollout calls, {costs.trained:.0f} trained, "
+             f"iteration: {images} images in {calls} rollout calls of {costs.micro_batches} micro-batches, "
+             f"{costs.trained:.0f} trained, "
              f"{costs.optimizer_steps} optimizer steps; {devices} devices, {costs.reward_devices} for reward workers",
              f"{'placement':<10} {'mode':<6} {'rollout':>7} {'learner':>7} {'s/iteration':>12} {'vs paper':>9}"]
     for layout, seconds in ranked:

@@ -16,8 +16,8 @@ SD35 = Path(__file__).resolve().parents[2] / "deploy" / "configs" / "sd35_geneva
 
 
 def paper_costs(**changes) -> Costs:
-    """SD3.5 geneval's iteration (48 calls of one group of 24) at 1 s per sampled and
-    2.5 s per trained image (the issue's ratio)."""
+    """SD3.5 geneval's iteration (48 calls of one group of 24, 3 micro-batches of 8
+    each) at 1 s per sampled and 2.5 s per trained image (the issue's ratio)."""
     config = load_config(SD35, changes.pop("overrides", []))
     return replace(planner.costs_per_image(1.0, 2.5, config, "test"), **changes)
 
@@ -32,7 +32,7 @@ def test_issue_example_sixteen_gpus():
     # + two all-reduces of 3 ms
     assert predict(costs, Layout("paper", "sync", 16, 16)) == pytest.approx(1.75 * unit, rel=1e-4)
     best, seconds = planner.recommend(planner.plan(costs, 16))
-    assert seconds < 2.5 * unit and best.learners > 1
+    assert seconds < 3 * unit and best.learners > 1
 
 
 def test_async_overlaps_and_colocated_does_not():
@@ -42,16 +42,26 @@ def test_async_overlaps_and_colocated_does_not():
     assert predict(costs, Layout("split", "async", 4, 3)) == pytest.approx(max(roll + 1, learn) + 5)
     coloc = predict(costs, Layout("colocated", "sync", 7, 7))
     assert predict(costs, Layout("colocated", "async", 7, 7)) == coloc
-    assert predict(costs, Layout("paper", "sync", 7, 7)) == pytest.approx(coloc - 5)
+    assert coloc == pytest.approx(planner.rollout_seconds(costs, 7) + 1 + planner.learn_seconds(costs, 7) + 5)
+    paper = planner.rollout_seconds(costs, 7) + 1 + planner.learn_seconds(costs, 7, balanced=True)
+    assert predict(costs, Layout("paper", "sync", 7, 7)) == pytest.approx(paper)
 
 
-def test_learner_ranks_pay_whole_calls_and_one_allreduce_per_step():
+def test_learner_ranks_wait_for_the_busiest_rank_of_each_step():
+    """Learner.train's lock step: one rank trains a whole iteration alone; the measured
+    tiny case (2 calls of one micro-batch, 2 optimizer steps) gives 2 ranks no speed-up,
+    since each step's only micro-batch belongs to one rank; the paper's balanced ranks
+    and many micro-batches come close to 1 / L."""
     costs = paper_costs()
-    per_call = 24 * 2.5
+    per_micro_batch = 8 * 2.5
     ring = 1e-4 + 2 * (5 / 6) * planner.SD35_MEDIUM_LORA_BYTES / 50e9
-    assert planner.learn_seconds(costs, 1) == pytest.approx(48 * per_call)
-    assert planner.learn_seconds(costs, 6) == pytest.approx(8 * per_call + 2 * ring)
-    assert planner.learn_seconds(costs, 7) == pytest.approx(7 * per_call + 2 * (1e-4 + 2 * 6 / 7 * 75.1e6 / 50e9))
+    assert planner.learn_seconds(costs, 1) == pytest.approx(144 * per_micro_batch)
+    assert planner.learn_seconds(costs, 6, balanced=True) == pytest.approx(24 * per_micro_batch + 2 * ring)
+    six = planner.learn_seconds(costs, 6)
+    assert 24 * per_micro_batch < six < 1.6 * 24 * per_micro_batch
+    tiny = replace(costs, calls=2, micro_batches=1, trained=32.0)
+    assert planner.busiest_micro_batches(tiny, 2) == 2 == planner.busiest_micro_batches(tiny, 1)
+    assert planner.busiest_micro_batches(replace(tiny, optimizer_steps=1), 2) == 1
     slow_network = replace(costs, allreduce=(1.0, 1e5))  # 100 kB/s: the ring costs more than it saves
     assert planner.learn_seconds(slow_network, 6) > planner.learn_seconds(slow_network, 1)
 
@@ -86,7 +96,7 @@ def test_costs_read_back_from_a_run(tmp_path):
                                 "sample.prompts_per_iteration=6"])
     calls, images, steps = planner.iteration_shape(config)
     truth = Costs(call_seconds=0.3, sample_seconds=0.02, calls=calls, trained=images - 8.0, optimizer_steps=steps,
-                  reward_devices=0, lora_bytes=1e5, allreduce=planner.CPU_ALLREDUCE, tail=0.05, sync=0.04,
+                  micro_batches=planner.micro_batches_per_call(config), epochs=1, reward_devices=0, lora_bytes=1e5, allreduce=planner.CPU_ALLREDUCE, tail=0.05, sync=0.04,
                   overhead=0.1)
     _write_run(tmp_path / "run", config, truth, planner.run_layout(config))
     (tmp_path / "run" / "lora").mkdir()
@@ -99,7 +109,7 @@ def test_costs_read_back_from_a_run(tmp_path):
 
 def test_planner_picks_the_faster_of_two_measured_runs():
     """Two tiny CPU runs measured on this project's 2-core machine (tests/fixtures/plan:
-    8 rows of 32 images, 1 vs 2 rollout workers, one learner, one torch thread each;
+    16 iterations of 32 images, 1 vs 2 rollout workers, one learner, one torch thread each;
     `flowgrpo plan --run r1l1 --gpus 2 --compare r1l1 r2l1` prints the same). From the
     first run's costs the planner ranks the two as they measured."""
     costs, _ = planner.costs_from_run(FIXTURES / "r1l1")
