@@ -115,3 +115,19 @@ def test_scraps_count_except_under_counting():
     assert len(keep(found, "counting")["dot"]) == 1 and len(keep(found, "colors")["dot"]) == 2
     assert objects_needing_color({"tag": "colors", "include": [{"class": "dot", "count": 1, "color": "red"}]},
                                  keep(found, "colors"))["dot"][0].score == 1.0
+
+
+def test_geneval_scorer_selects_the_toy_detector():
+    from common.config import load_config
+    from services.reward.geneval import GenevalScorer
+
+    config = load_config(None, ["reward.geneval.detector=toy", "reward.num_gpus=1"]).reward
+    scorer = GenevalScorer(config)
+    assert scorer.engine == "toy-detector" and GenevalScorer.needs(config).num_gpus == 0
+    by_prompt = {r["prompt"]: r for r in all_prompts()}
+    red_block = by_prompt["a photo of a red block and a blue bar"]
+    right = render(sample_scene(red_block, np.random.default_rng(0)))
+    wrong = render([ToyObject("block", "blue", 1, 1, 4, 4), ToyObject("bar", "red", 8, 10, 7, 2)])
+    out = scorer.score([right, wrong], [red_block["prompt"]] * 2, [red_block] * 2)
+    assert out.scores[0] == 1.0 and out.scores[1] < 1.0
+    assert out.details[0]["correct"] and not out.details[1]["correct"]
