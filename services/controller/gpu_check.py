@@ -180,8 +180,8 @@ def run_check(config: Config, size: str = "sd35-medium", repeats: int = 2, log=p
 
     # Rollout: whole calls of sample_sde, the first one a warm-up.
     timesteps, sigmas = sigma_schedule(pipe.scheduler, s.train_steps, device)
-    cond = _embeds(shapes, shapes.batch, precision.text, device, generator)
-    negative = _embeds(shapes, 1, precision.text, device, generator)
+    cond = _embeds(shapes, shapes.batch, precision.transformer, device, generator)  # as encode_prompts casts
+    negative = _embeds(shapes, 1, precision.transformer, device, generator)
     uncond = negative.expand(shapes.batch)
     noise_gen = torch.Generator(device).manual_seed(config.run.seed)
     _reset_peak(device)
