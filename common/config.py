@@ -245,7 +245,7 @@ class RunConfig:
     iterations: int = 1000
     seed: int = 42
     mode: Literal["sync", "async"] = "sync"
-    max_staleness: int = 1
+    max_staleness: int = 1  # async: a sample of version v enters the update at version u only if u - v <= this
     checkpoint_every: int = 50
     sample_images_every: int = 10
     eval_every: int = 0
@@ -362,15 +362,14 @@ class Config:
         _check(self.model.max_sequence_length >= 1, "model.max_sequence_length", "must be at least 1")
         r = self.run
         _check(r.iterations >= 1, "run.iterations", "must be at least 1")
-        _check(r.max_staleness >= 0, "run.max_staleness", "must be >= 0")
+        _check(r.max_staleness >= 0, "run.max_staleness",
+               "must be >= 0 (async: how many policy versions a sample may lag its update; 0 is the sync schedule)")
         _check(r.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0 (0: only at the end)")
         _check(r.sample_images_every >= 0, "run.sample_images_every", "must be >= 0 (0: never)")
         _check(r.eval_every >= 0, "run.eval_every", "must be >= 0 (0: never)")
         _check(r.eval_prompts >= 0, "run.eval_prompts", "must be >= 0 (0: the whole evaluation set)")
         _check(r.eval_images_per_prompt >= 1, "run.eval_images_per_prompt",
                "must be at least 1 (the paper's: 4 for GenEval, 1 for OCR and PickScore)")
-        _check(r.mode == "sync" or r.max_staleness >= 1, "run.max_staleness",
-               "must be at least 1 in async mode (rollouts run one policy version ahead of the learner)")
         return self
 
 

@@ -22,6 +22,7 @@ from services.controller import loopback
 # Actors import transformers at start-up; keep its import-time notes (PIL fallbacks
 # without torchvision) out of every worker's log.
 WORKER_RUNTIME_ENV = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}}
+PROGRESS = "progress"  # the rollout worker's concurrency group for progress()
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -118,11 +119,19 @@ def start_rollout_worker(worker_cls, config: Config, index: int, timeout_s: floa
     else:
         group, bundle = shared_group, index
     name = f"rollout-{index}"
-    actor = ray.remote(worker_cls).options(
+    actor = ray.remote(concurrency_groups={PROGRESS: 1})(worker_cls).options(
         num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=-1, max_task_retries=0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
     ).remote(config, name)
     return RolloutHandle(name, actor, group if shared_group is None else None)
+
+
+def progress(handle: RolloutHandle) -> ray.ObjectRef:
+    """Ask a rollout worker for its progress (RolloutWorker.progress). The call runs in
+    its own concurrency group, so it answers while `generate` runs; every other method
+    stays in the default group of one thread, where calls keep their submission order
+    (a LoRA queued behind a rollout call is loaded after it)."""
+    return handle.actor.progress.options(concurrency_group=PROGRESS).remote()
 
 
 def colocated_group(config: Config, timeout_s: float = 120.0):

@@ -38,7 +38,7 @@ from services.controller.run_folder import RunFolder
 from services.learner.learner import Learner
 from services.reward.scorers import scorer_needs
 from services.reward.worker import RewardWorker, combine_metrics
-from services.rollout.worker import RolloutWorker
+from services.rollout.worker import RolloutWorker, StaleWeightsError
 
 CHUNK_RETRIES = 3
 CONTROLLER_STATE = "controller.json"
@@ -51,7 +51,6 @@ class InFlight:
     iteration: int
     pending: dict
     started: float
-    busy_before: list[float]
     stream_state: dict  # before this iteration drew its prompts
 
 
@@ -93,7 +92,9 @@ class SyncTrainer:
         self.rewards: list = []
         self.learner = None
         self._next_reward = 0
-        self._progress: dict[int, float] = {}  # worker -> when its last call finished
+        self._probes: dict[int, tuple[ray.ObjectRef, float]] = {}  # worker -> its progress() call, when sent
+        self._busy_mark: tuple[float, list] | None = None  # (when, each worker's busy seconds) at the last gather
+        self._learn_end: float | None = None
         self.version = 0
 
     # ------------------------------------------------------------------ set-up
@@ -182,10 +183,12 @@ class SyncTrainer:
         """The scored rollouts of iteration `it`, sampled with the current LoRA."""
         return self.gather(self.launch(it))
 
-    def launch(self, it: int) -> InFlight:
-        """Dispatch the iteration's rollout chunks round-robin over the workers."""
-        flight = InFlight(it, {}, time.perf_counter(), self._rollout_busy_seconds(), self.stream.state())
-        for chunk in self._plan_chunks(it):
+    def launch(self, it: int, min_version: int | None = None) -> InFlight:
+        """Dispatch the iteration's rollout chunks round-robin over the workers; a worker
+        refuses a chunk while it holds a LoRA older than `min_version` (default: the
+        version published last)."""
+        flight = InFlight(it, {}, time.perf_counter(), self.stream.state())
+        for chunk in self._plan_chunks(it, self.version if min_version is None else min_version):
             self._dispatch(chunk, chunk.index % len(self.rollouts), flight.pending)
         return flight
 
@@ -193,8 +196,10 @@ class SyncTrainer:
         """Wait for the chunks in flight, sending each to a reward worker as it arrives."""
         self.dashboard.set_phase("rollout")
         pending, scoring = flight.pending, {}
-        scored, failures, lost, rescored = [], [], 0, 0
-        rollout_done = time.perf_counter()
+        scored, failures, lost, rescored, refused = [], [], 0, 0, 0
+        seeds = [chunk.seed for chunk in pending.values()]
+        self._probes.clear()  # answers from before (e.g. sent before an async update) are out of date
+        rollout_done = time.perf_counter()  # when the last rollout call was seen finished
         while pending or scoring:
             self.dashboard.set_queue_depth("rollout", len(pending))
             self.dashboard.set_queue_depth("reward", len(scoring))
@@ -204,7 +209,6 @@ class SyncTrainer:
                     # The batch goes to a reward worker by reference: it never passes through
                     # the driver. If the rollout failed, the scoring call fails with its error.
                     chunk = pending.pop(ref)
-                    self._progress[chunk.worker] = time.perf_counter()
                     scoring[self._score(ref)] = (chunk, ref)
                     if not pending:
                         rollout_done = time.perf_counter()
@@ -215,6 +219,9 @@ class SyncTrainer:
                     except (RayActorError, RayTaskError) as err:  # a worker died, or stale weights
                         if _reward_worker_died(err):  # the rollout batch is intact: score it again
                             rescored += self._rescore(chunk, rollout_ref, err, scoring)
+                        elif _refused_as_stale(err):  # refused before sampling: nothing was produced
+                            refused += len(chunk.draws) * self.config.sample.group_size
+                            self._retry(chunk, err, pending)
                         else:
                             lost += self._retry(chunk, err, pending)
                         continue
@@ -230,16 +237,11 @@ class SyncTrainer:
             raise RuntimeError(f"iteration {flight.iteration}: every group was lost or failed scoring "
                                f"({len(failures)} scoring failures, e.g. {failures[:1]}); see the worker logs")
         end = time.perf_counter()
-        # the busiest worker bounds the rollout compute (a restarted worker's count starts over)
-        busy = max([a - b for a, b in zip(self._rollout_busy_seconds(), flight.busy_before) if a >= b] or [0.0])
         data = wire.concat([batch for batch, _ in scored])
-        metrics = {
-            "time/rollout": rollout_done - flight.started, "time/reward_tail": end - rollout_done,
-            "time/rollout_compute": busy, "images_per_second": data.num_rows / max(rollout_done - flight.started, 1e-9),
-            "groups_failed_scoring": float(len(failures)), "chunks_resampled": float(lost),
-            "chunks_rescored": float(rescored),
-            "images": float(data.num_rows),
-        }
+        metrics = {**self._rollout_timings(seeds, data.num_rows), "time/reward_tail": end - rollout_done,
+                   "groups_failed_scoring": float(len(failures)), "chunks_resampled": float(lost),
+                   "chunks_rescored": float(rescored), "samples_refused_stale": float(refused),
+                   "images": float(data.num_rows)}
         self.dashboard.set_images_per_second(metrics["images_per_second"])
         data, adv_stats = assign_advantages(data, self.config.train)
         metrics.update(adv_stats, **reward_stats(data), **self.scorer_metrics())
@@ -266,8 +268,21 @@ class SyncTrainer:
         start = time.perf_counter()
         data = scored.data
         metrics = self.learner.train(data.drop_columns(["image"]), scored.rollouts, scored.calls)
-        staleness = self.version - min(data.column("policy_version").to_pylist())  # learner version minus rollout's
-        return {**metrics, "staleness": float(staleness), "time/learn": time.perf_counter() - start}
+        idle = {} if self._learn_end is None else {"time/learner_idle": start - self._learn_end}
+        self._learn_end = time.perf_counter()
+        return {**metrics, **self.staleness_metrics(data), **idle, "time/learn": self._learn_end - start}
+
+    def staleness_metrics(self, data: pa.Table) -> dict[str, float]:
+        """Staleness u - v of each sample (u the learner's version at the update, v the
+        policy version that sampled it): `staleness` the largest, `staleness/<d>` the
+        number of samples d versions old. More than `run.max_staleness` is a bug of the
+        admission control (AsyncTrainer), not something to train on."""
+        ages = self.version - np.asarray(data.column("policy_version").to_pylist())
+        limit = self.config.run.max_staleness if self.config.run.mode == "async" else 0
+        if ages.max() > limit:
+            raise RuntimeError(f"samples {int(ages.max())} versions old reached the update; the limit is {limit}")
+        values, counts = np.unique(ages, return_counts=True)
+        return {"staleness": float(ages.max()), **{f"staleness/{v}": float(c) for v, c in zip(values, counts)}}
 
     def maybe_evaluate(self, done: int) -> dict[str, float]:
         """After `done` iterations, when evaluation.is_due: the paper's evaluation
@@ -284,14 +299,14 @@ class SyncTrainer:
 
     # ------------------------------------------------------------------ chunks and faults
 
-    def _plan_chunks(self, it: int) -> list[Chunk]:
+    def _plan_chunks(self, it: int, min_version: int) -> list[Chunk]:
         """Whole groups per call, about `sample.batch_size` images each (at least one group)."""
         s = self.config.sample
         draws = self.stream.next_batch(s.prompts_per_iteration)
         per_call = max(1, s.batch_size // s.group_size)
         seed_base = (self.config.run.seed * 1_000_003 + it) * 1_000
         window = sde_window(s.sde_window_size, s.sde_window_range, seed_base)  # one per iteration
-        return [Chunk(k, draws[i:i + per_call], seed_base + i, self.version, window=window)
+        return [Chunk(k, draws[i:i + per_call], seed_base + i, min_version, window=window)
                 for k, i in enumerate(range(0, len(draws), per_call))]
 
     def _dispatch(self, chunk: Chunk, worker: int, pending: dict) -> None:
@@ -333,33 +348,75 @@ class SyncTrainer:
         return 1
 
     def _expire(self, pending: dict) -> int:
-        """A worker whose running call has made no progress for `rollout.timeout_s` is
-        hung: kill it (Ray restarts it; its queued calls then fail and are re-sampled)
-        and re-sample that call elsewhere. Time waiting in a worker's queue does not
-        count. Cancelling is no use here, since Ray only flags a running actor task."""
-        now, expired, seen = time.perf_counter(), 0, set()
-        for ref, chunk in list(pending.items()):
-            if chunk.worker in seen:  # only the oldest call of each worker is running
+        """Kill a hung rollout worker: one whose running call has made no progress (no
+        denoising step) for `rollout.timeout_s`, by its own clock, or that has not
+        answered a progress call for that long. Its calls then fail and are re-sampled
+        elsewhere (_retry); Ray restarts it. Only a call that runs counts: time queued
+        behind other calls, or a finished call whose result the controller has not yet
+        collected (async: while the learner updates), is not running. Cancelling is no
+        use, since Ray only flags a running actor task."""
+        now, timeout, killed = time.perf_counter(), self.config.rollout.timeout_s, 0
+        for worker in sorted({chunk.worker for chunk in pending.values()}):
+            handle = self.rollouts[worker]
+            if worker not in self._probes:
+                self._probes[worker] = (cluster.progress(handle), now)
                 continue
-            seen.add(chunk.worker)
-            running_since = max(chunk.started, self._progress.get(chunk.worker, 0.0))
-            if now - running_since > self.config.rollout.timeout_s:
-                del pending[ref]
-                ray.kill(self.rollouts[chunk.worker].actor, no_restart=False)
-                expired += self._retry(chunk, GetTimeoutError(f"{self.rollouts[chunk.worker].name} made no progress "
-                                                              f"for rollout.timeout_s={self.config.rollout.timeout_s}"),
-                                       pending)
-        return expired
+            ref, sent = self._probes[worker]
+            if ray.wait([ref], timeout=0)[0]:
+                del self._probes[worker]
+                try:
+                    report = ray.get(ref)
+                except RayActorError:  # dead or restarting: its calls fail and are re-sampled
+                    continue
+                hung = report["running"] and report["stalled_for"] > timeout
+                why = f"made no progress for {report['stalled_for']:.1f} s"
+            else:
+                hung, why = now - sent > timeout, f"has not answered a progress call for {now - sent:.1f} s"
+            if hung:
+                self._probes.pop(worker, None)
+                tqdm.write(f"flowgrpo: {handle.name} {why} (rollout.timeout_s={timeout:g}): restarting it; "
+                           f"its calls are sampled again", file=sys.stderr)
+                ray.kill(handle.actor, no_restart=False)
+                killed += 1
+        return killed
 
-    def _rollout_busy_seconds(self) -> list[float]:
-        """Each worker's cumulative sampling seconds; NaN for one that is restarting."""
-        refs = [h.actor.busy_seconds.remote() for h in self.rollouts]
+    def _worker_progress(self) -> list[dict | None]:
+        """Each rollout worker's progress report (RolloutWorker.progress); None for one
+        that is restarting or does not answer within rollout.timeout_s."""
+        refs = [cluster.progress(h) for h in self.rollouts]
         out = []
         for ref in refs:
             try:
                 out.append(ray.get(ref, timeout=self.config.rollout.timeout_s))
             except (RayActorError, GetTimeoutError):
-                out.append(float("nan"))
+                out.append(None)
+        return out
+
+    def _rollout_timings(self, seeds: list[int], rows: int) -> dict[str, float]:
+        """Timings that mean the same in sync and async: from each worker's own record of
+        the iteration's calls (by seed), `time/rollout` is the longest span one worker
+        took from the start of its first call to the end of its last, and
+        `time/rollout_compute` the most seconds one worker sampled; neither includes
+        time a finished call waited to be collected while the learner updated.
+        `time/rollout_idle`: the workers' mean seconds not sampling since the last
+        gather (in sync the learner's update is there; in async it should be small)."""
+        reports, now = self._worker_progress(), time.perf_counter()
+        wanted, spans, busy = set(seeds), [], []
+        for report in filter(None, reports):
+            calls = [report["calls"][seed] for seed in wanted & set(report["calls"])]
+            if calls:
+                spans.append(max(t + d for t, d in calls) - min(t for t, _ in calls))
+                busy.append(sum(d for _, d in calls))
+        span = max(spans, default=float("nan"))
+        out = {"time/rollout": span, "time/rollout_compute": max(busy, default=float("nan")),
+               "images_per_second": rows / span if span > 0 else float("nan")}
+        counts = [r["busy_seconds"] if r else float("nan") for r in reports]
+        if self._busy_mark is not None and len(self._busy_mark[1]) == len(counts):
+            wall = now - self._busy_mark[0]
+            idle = [wall - (b - a) for a, b in zip(self._busy_mark[1], counts) if b >= a]  # NaN or restarted: skipped
+            if idle:
+                out["time/rollout_idle"] = float(np.mean(idle))
+        self._busy_mark = (now, counts)
         return out
 
     # ------------------------------------------------------------------ weights
@@ -419,7 +476,14 @@ class SyncTrainer:
         tensors, meta = self.learner.state()
         state = {"iteration": done, "stream": self.next_stream_state()}
         return self.folder.write_checkpoint(done, {LEARNER_TENSORS: tensors, LEARNER_META: json.dumps(meta),
-                                                   CONTROLLER_STATE: json.dumps(state)})
+                                                   CONTROLLER_STATE: json.dumps(state), **self.checkpoint_extras()})
+
+    def checkpoint_extras(self) -> dict[str, bytes]:
+        """More files for a checkpoint (async: the LoRA versions of the iterations in flight)."""
+        return {}
+
+    def restore_extras(self, directory: Path) -> None:
+        """Read what checkpoint_extras wrote."""
 
     def next_stream_state(self) -> dict:
         """The prompt stream's position before the next iteration draws its prompts."""
@@ -433,8 +497,19 @@ class SyncTrainer:
         self.learner.load_state((directory / LEARNER_TENSORS).read_bytes(),
                                 json.loads((directory / LEARNER_META).read_text()))
         self.stream.restore(state["stream"])
+        self.restore_extras(directory)
         self.start_iteration = state["iteration"]
         self.folder.truncate_after(self.start_iteration - 1)
+
+
+def _refused_as_stale(err: Exception) -> bool:
+    """Whether a rollout call was refused because its worker holds an older LoRA than
+    the call's min_version (StaleWeightsError, wrapped in the scoring call's error)."""
+    while err is not None:
+        if isinstance(err, StaleWeightsError):
+            return True
+        err = getattr(err, "cause", None) or err.__cause__
+    return False
 
 
 def _reward_worker_died(err: Exception) -> bool:

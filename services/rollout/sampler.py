@@ -4,6 +4,7 @@ for training rollouts than for evaluation)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,11 +33,13 @@ def initial_noise(pipe, batch: int, resolution: int, generator: torch.Generator)
 @torch.no_grad()
 def sample_sde(pipe, cond: PromptEmbeds, uncond: PromptEmbeds, timesteps: torch.Tensor, sigmas: torch.Tensor,
                x: torch.Tensor, *, guidance_scale: float, noise_level: float,
-               generator: torch.Generator, window: tuple[int, int] | None = None) -> SdeRollout:
+               generator: torch.Generator, window: tuple[int, int] | None = None,
+               on_step: Callable[[], None] | None = None) -> SdeRollout:
     """Sample one batch with the SDE from the initial noise `x`, recording latents and
     per-step log-probs (each step's noise drawn from `generator`). With a `window`
     [start, end), only its steps are SDE steps; the others are ODE steps, whose
-    log-prob is recorded as NaN (they are not trained).
+    log-prob is recorded as NaN (they are not trained). `on_step` is called after every
+    step (the worker's progress, which the controller's hung-worker check reads).
 
     Each drawn x_{j+1} is first rounded to the model's dtype, the tensor the model
     consumes next and the one stored, and its log-prob is taken of that rounded value,
@@ -45,6 +48,8 @@ def sample_sde(pipe, cond: PromptEmbeds, uncond: PromptEmbeds, timesteps: torch.
     latents, log_probs = [x], []
     for j, t in enumerate(timesteps):
         v = guided_velocity(pipe.transformer, x, t, cond, uncond, guidance_scale)
+        if on_step is not None:
+            on_step()
         if window is not None and not window[0] <= j < window[1]:
             x = (x.float() + v.float() * (sigmas[j + 1] - sigmas[j])).to(dtype)
             latents.append(x)

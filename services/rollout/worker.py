@@ -38,6 +38,10 @@ class RolloutWorker:
         self.train_schedule = sigma_schedule(self.pipe.scheduler, s.train_steps, self.device)
         self.eval_schedule = sigma_schedule(self.pipe.scheduler, s.eval_steps, self.device)
         self._busy_seconds = 0.0
+        self._running = False  # a generate call is executing
+        self._last_progress = time.monotonic()
+        self._steps = 0
+        self._calls: OrderedDict[int, tuple[float, float]] = OrderedDict()  # seed -> (start, seconds), recent calls
 
     def ready(self) -> str:
         return self.name
@@ -46,9 +50,20 @@ class RolloutWorker:
         """The LoRA version this worker samples with (0 after a restart, until it is sent one)."""
         return self.version
 
-    def busy_seconds(self) -> float:
-        """Seconds spent generating since start (the controller diffs it per iteration)."""
-        return self._busy_seconds
+    def progress(self) -> dict:
+        """Answered while `generate` runs (the actor's "progress" concurrency group, see
+        services/controller/cluster.py): whether a call is running, the seconds since it
+        last made progress (a denoising step; 0 when none runs: a finished call whose
+        result waits to be collected is not running), the step count, the cumulative busy
+        seconds, and (start wall time, seconds) of the recent calls by seed, so the
+        controller can time an iteration's rollouts apart from anything else."""
+        return {"running": self._running, "steps": self._steps, "busy_seconds": self._busy_seconds,
+                "stalled_for": time.monotonic() - self._last_progress if self._running else 0.0,
+                "calls": dict(self._calls)}
+
+    def _step_done(self) -> None:
+        self._steps += 1
+        self._last_progress = time.monotonic()
 
     def lora_names(self) -> list[str]:
         """The LoRA's weight names in the order of its parameters (the order in which the
@@ -89,7 +104,20 @@ class RolloutWorker:
         from version 0 until the controller sends it the current one)."""
         if self.version < min_version:
             raise StaleWeightsError(f"{self.name} holds LoRA version {self.version}, the call needs {min_version}")
-        start = time.perf_counter()
+        start, wall_start = time.perf_counter(), time.time()
+        self._step_done()
+        self._running = True
+        try:
+            return self._generate(prompts, prompt_index, metadata, seed, sde_window)
+        finally:
+            self._running = False
+            seconds = time.perf_counter() - start
+            self._busy_seconds += seconds
+            self._calls[seed] = (wall_start, seconds)
+            while len(self._calls) > 256:
+                self._calls.popitem(last=False)
+
+    def _generate(self, prompts, prompt_index, metadata, seed: int, sde_window) -> pa.RecordBatch:
         s = self.config.sample
         g = s.group_size
         embeds = self.embed(prompts)
@@ -104,7 +132,7 @@ class RolloutWorker:
         for chunk, x in zip(rows.split(s.batch_size), noise.split(s.batch_size)):
             out = sample_sde(self.pipe, embeds.select(chunk), self.negative.expand(len(chunk)), timesteps, sigmas, x,
                              guidance_scale=s.guidance_scale, noise_level=s.noise_level, generator=generator,
-                             window=sde_window)
+                             window=sde_window, on_step=self._step_done)
             latents.append(out.latents.cpu().numpy())
             log_probs.append(out.log_probs.cpu().numpy())
             images.append(out.images)
@@ -117,7 +145,6 @@ class RolloutWorker:
             policy_version=self.version, rollout_worker=self.name,
             prompt_embeds=self._embeds_column(embeds, g),
         )
-        self._busy_seconds += time.perf_counter() - start
         return batch
 
     def _embeds_column(self, embeds: PromptEmbeds, group_size: int) -> list[bytes | None]:

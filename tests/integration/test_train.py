@@ -148,7 +148,8 @@ def test_dead_rollout_worker_is_replaced_and_its_chunks_resampled(ray_config, tm
         versions = ray.get([h.actor.policy_version.remote() for h in trainer.rollouts])
     finally:
         trainer.stop()
-    assert second["chunks_resampled"] >= 1
+    # its chunk is lost with the process, or refused by it, restarted on version 0, before sampling
+    assert second["chunks_resampled"] + second["samples_refused_stale"] >= 1
     assert second["images"] == first["images"] == 2 * 4  # no group lost, none zero-filled
     assert versions == [2, 2]
 
