@@ -71,6 +71,10 @@ class AsyncTrainer(SyncTrainer):
             h.actor.set_weights.remote(self._weights_ref)
         return flight
 
+    def reset_in_flight(self) -> None:
+        self._ahead.clear()
+        self._published.clear()
+
     def next_stream_state(self) -> dict:
         """The next iterations' prompts are already drawn (they were launched ahead): a
         resumed run draws them again."""

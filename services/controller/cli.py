@@ -189,12 +189,16 @@ def _train(args) -> int:
     from ray.exceptions import RayActorError
 
     from services.controller.job import train
+    from services.controller.trainer import RunFailed
 
     try:
         history = train(config, run_dir, resume=args.resume is not None, address=args.address)
     except KeyboardInterrupt:
         print(f"flowgrpo: interrupted; {_how_to_continue(run_dir)}", file=sys.stderr)
         return 130
+    except RunFailed as err:
+        print(f"flowgrpo: error: {err}; {_how_to_continue(run_dir)}", file=sys.stderr)
+        return 1
     except RayActorError as err:
         found = _WORKER_USER_ERROR.findall(str(err))
         if not found:

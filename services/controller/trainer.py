@@ -45,6 +45,11 @@ CONTROLLER_STATE = "controller.json"
 LEARNER_TENSORS, LEARNER_META = "learner.safetensors", "learner.json"  # no pickle: learner/state.py
 
 
+class RunFailed(RuntimeError):
+    """A known failure that ends the run: the message names the cause (the command
+    line adds how to continue)."""
+
+
 @dataclass
 class InFlight:
     """An iteration's rollout calls on their way."""
@@ -95,6 +100,7 @@ class SyncTrainer:
         self._probes: dict[int, tuple[ray.ObjectRef, float]] = {}  # worker -> its progress() call, when sent
         self._busy_mark: tuple[float, list] | None = None  # (when, each worker's busy seconds) at the last gather
         self._learn_end: float | None = None
+        self._learner_restarts = 0
         self.version = 0
 
     # ------------------------------------------------------------------ set-up
@@ -152,19 +158,64 @@ class SyncTrainer:
         """Run to `run.iterations`; returns the logged metrics of this process's iterations."""
         history = []
         cfg = self.config.run
-        bar = tqdm(range(self.start_iteration, cfg.iterations), initial=self.start_iteration, total=cfg.iterations,
-                   desc="flowgrpo", unit="it", dynamic_ncols=True)
+        bar = tqdm(initial=self.start_iteration, total=cfg.iterations, desc="flowgrpo", unit="it", dynamic_ncols=True)
+        self._initial_stream = self.stream.state() if self.start_iteration == 0 else None
         if self.start_iteration == 0:
             self.maybe_evaluate(0)  # the row before any update
-        for it in bar:
-            metrics = self.iteration(it)
+        it = self.start_iteration
+        while it < cfg.iterations:
+            try:
+                metrics = self.iteration(it)
+                done = it + 1
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+                    self.checkpoint(done)
+            except (RayActorError, RayTaskError) as err:  # the learner's death, or someone else's error
+                first = self.start_iteration
+                it = self.recover_learner(err, it)
+                del history[max(0, it - first):]  # redone
+                bar.reset(total=cfg.iterations)
+                bar.update(it)
+                continue
             history.append(metrics)
+            bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}", step=f"{metrics['time/iteration']:.1f}s")
-            done = it + 1
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-                self.checkpoint(done)
+            it += 1
         self.save_final_lora()
         return history
+
+    def recover_learner(self, err: Exception, it: int) -> int:
+        """After `err` at iteration `it`: when a learner rank is dead, restart the learner
+        group from the last checkpoint (or from the start, before the first) and return
+        the iteration to go on from; the iterations after the checkpoint are redone and
+        their records replaced. Any other error is raised again."""
+        try:
+            self.learner.ready()
+        except RayActorError:
+            pass
+        else:
+            raise err
+        self._learner_restarts += 1
+        if self._learner_restarts > CHUNK_RETRIES:
+            raise RunFailed(f"the learner died {self._learner_restarts} times ({type(err).__name__}); "
+                            f"see its log") from err
+        directory = self.folder.latest_checkpoint()
+        tqdm.write(f"flowgrpo: the learner died at iteration {it} ({type(err).__name__}); restarting it from "
+                   f"{directory.name if directory else 'the start'}, the iterations since are redone", file=sys.stderr)
+        self.learner.restart()
+        self.reset_in_flight()
+        if directory is not None:
+            self._restore()
+        elif self._initial_stream is not None:
+            self.stream.restore(self._initial_stream)
+            self.start_iteration = 0
+            self.folder.truncate_after(-1)
+        else:
+            raise RunFailed("the learner died and its checkpoint is gone") from err
+        self.publish_weights(wait=True)
+        return self.start_iteration
+
+    def reset_in_flight(self) -> None:
+        """Forget the rollouts launched ahead (async), after the learner went back to a checkpoint."""
 
     wait_for_weights = True  # sync: the next rollouts start only once every worker holds the new LoRA
 
@@ -234,7 +285,7 @@ class SyncTrainer:
             tqdm.write(f"flowgrpo: iteration {flight.iteration}: {len(failures)} group(s) dropped, their scoring "
                        f"failed; first: {failures[0].scorer}: {failures[0].reason}", file=sys.stderr)
         if not scored:
-            raise RuntimeError(f"iteration {flight.iteration}: every group was lost or failed scoring "
+            raise RunFailed(f"iteration {flight.iteration}: every group was lost or failed scoring "
                                f"({len(failures)} scoring failures, e.g. {failures[:1]}); see the worker logs")
         end = time.perf_counter()
         data = wire.concat([batch for batch, _ in scored])
@@ -329,7 +380,7 @@ class SyncTrainer:
         dead one, max_restarts=-1; calls wait for it), not re-sampled."""
         chunk.rescored += 1
         if chunk.rescored > CHUNK_RETRIES:
-            raise RuntimeError(f"the reward worker died {chunk.rescored} times scoring one rollout chunk; "
+            raise RunFailed(f"the reward worker died {chunk.rescored} times scoring one rollout chunk; "
                                f"last error: {err}; see the reward worker's log") from err
         tqdm.write(f"flowgrpo: a reward worker died while scoring; the rollout chunk is scored again "
                    f"({type(err).__name__})", file=sys.stderr)
@@ -341,7 +392,7 @@ class SyncTrainer:
         and gets the current weights before its next call."""
         chunk.attempts += 1
         if chunk.attempts > CHUNK_RETRIES:
-            raise RuntimeError(f"a rollout chunk failed {chunk.attempts} times; last error: {err}") from err
+            raise RunFailed(f"a rollout chunk failed {chunk.attempts} times; last error: {err}") from err
         failed = self.rollouts[chunk.worker]
         failed.actor.set_weights.remote(self._weights_ref)
         self._dispatch(chunk, (chunk.worker + 1) % len(self.rollouts), pending)
