@@ -96,8 +96,8 @@ def test_costs_read_back_from_a_run(tmp_path):
                                 "sample.prompts_per_iteration=6"])
     calls, images, steps = planner.iteration_shape(config)
     truth = Costs(call_seconds=0.3, sample_seconds=0.02, calls=calls, trained=images - 8.0, optimizer_steps=steps,
-                  micro_batches=planner.micro_batches_per_call(config), epochs=1, reward_devices=0, lora_bytes=1e5, allreduce=planner.CPU_ALLREDUCE, tail=0.05, sync=0.04,
-                  overhead=0.1)
+                  micro_batches=planner.micro_batches_per_call(config), epochs=1, reward_devices=0, lora_bytes=1e5,
+                  allreduce=planner.CPU_ALLREDUCE, tail=0.05, sync=0.04, overhead=0.1)
     _write_run(tmp_path / "run", config, truth, planner.run_layout(config))
     (tmp_path / "run" / "lora").mkdir()
     (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"x" * 100_000)
