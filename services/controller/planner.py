@@ -14,11 +14,10 @@ An iteration has n rollout calls of m learner micro-batches each, S trained samp
 (zero-advantage groups are not trained) and k = train.optimizer_steps_per_iteration x
 train.inner_epochs optimizer steps. Calls are indivisible and call i goes to worker
 (and learner rank) i mod R. The learner ranks run in lock step (Learner.train): each
-epoch shuffles the n m micro-batches, cuts them into optimizer steps, and every rank
-waits at each step's all-reduce for the rank with the most of that step's micro-batches
-(a micro-batch belongs to the rank of its call). With B(L) the expected sum over the
-steps of that busiest rank's count (`busiest_micro_batches`, by simulation of that
-schedule; B(1) = n m),
+epoch cuts every rank's micro-batches into the optimizer steps (Learner._schedule), and
+every rank waits at each step's all-reduce for the rank with the most of that step's
+micro-batches. With B(L) the sum over the steps of that busiest rank's count
+(`busiest_micro_batches`; B(1) = n m),
 
     roll(R)  = ceil(n / R) c_r
     learn(L) = B(L) (S / (n m)) c_l + k a(L)
@@ -94,18 +93,16 @@ def rollout_seconds(costs: Costs, workers: int) -> float:
     return math.ceil(costs.calls / workers) * costs.call_seconds
 
 
-def busiest_micro_batches(costs: Costs, ranks: int, draws: int = 200) -> float:
-    """B(L): the expected sum over optimizer steps of the busiest rank's micro-batches
-    under Learner.train's schedule (module docstring), by `draws` seeded draws."""
-    owner = np.repeat(np.arange(costs.calls) % ranks, costs.micro_batches)
-    if ranks == 1:
-        return float(len(owner))
-    rng = np.random.default_rng(0)
-    total = 0
-    for _ in range(draws * costs.epochs):
-        for part in np.array_split(rng.permutation(len(owner)), costs.optimizer_steps // costs.epochs):
-            total += np.bincount(owner[part], minlength=ranks).max() if len(part) else 0
-    return total / draws
+def busiest_micro_batches(costs: Costs, ranks: int) -> float:
+    """B(L): the sum over optimizer steps of the busiest rank's micro-batches under
+    Learner._schedule, which cuts each rank's micro-batches into the steps: with m_r
+    micro-batches on rank r and s steps an epoch, step k holds ceil or floor(m_r / s) of
+    them, and B(L) = epochs x sum over k of max over r of that."""
+    per_rank = np.bincount(np.arange(costs.calls) % ranks, minlength=ranks) * costs.micro_batches
+    steps = costs.optimizer_steps // costs.epochs
+    per_epoch = sum(max(len(part) for part in (np.array_split(np.arange(m), steps)[k] for m in per_rank))
+                    for k in range(steps))
+    return float(per_epoch * costs.epochs)
 
 
 def learn_seconds(costs: Costs, ranks: int, balanced: bool = False) -> float:

@@ -96,15 +96,16 @@ class Learner:
         Micro-batches are the rollout's own denoising batches (`forward_batch`), rows in
         sampling order, cut to `train.micro_batch_size`: with the default sizes the
         learner's forward is the very forward the rollout ran, so the first step's ratio
-        is 1 in any precision. Their order is shuffled per inner epoch and they are
-        split into `train.optimizer_steps_per_iteration` optimizer steps.
+        is 1 in any precision. Each inner epoch shuffles them and cuts them into
+        `train.optimizer_steps_per_iteration` optimizer steps (`_schedule`).
 
         In a learner group every rank gets the whole `data` and `calls` (the index into
         `rollouts` of each row's rollout call) but only its own calls' batches (None for
-        the others'): all ranks draw the same micro-batches, order and steps, each trains
-        its own, and one all-reduce per optimizer step sums the gradients, each scaled by
-        the global number of rows in the step. N ranks thus take the update one learner
-        takes on the whole batch, however zero-advantage groups fall."""
+        the others'): all ranks agree on the micro-batches and the steps, each trains its
+        own share of every step, and one all-reduce per optimizer step sums the
+        gradients, each scaled by the global number of rows in the step. The ranks thus
+        take the update one learner takes on the same steps, however zero-advantage
+        groups fall (with one optimizer step per iteration: exactly one learner's)."""
         start = time.perf_counter()
         t = self.config.train
         if calls is None:
@@ -119,7 +120,8 @@ class Learner:
         log_probs = wire.list_column(data, "log_probs")
         steps = self._trained_steps(log_probs)
         batches = self._micro_batches(data, calls)
-        mine = [i for i, mb in enumerate(batches) if rollouts[calls[mb[0]]] is not None]
+        owners = [int(calls[mb[0]]) % self.world_size for mb in batches]  # rollout call c is rank c mod N's
+        mine = [i for i, owner in enumerate(owners) if owner == self.rank]
         latents = {i: self._latents(rollouts[calls[batches[i][0]]], positions[batches[i]], steps[-1] + 2) for i in mine}
         behaviour = torch.from_numpy(log_probs[:, steps]).float().to(self.device)
         adv = torch.tensor(data.column("advantage").to_numpy(), dtype=torch.float32, device=self.device)
@@ -141,13 +143,12 @@ class Learner:
         counts: dict[str, int] = defaultdict(int)
         first_step_ratio_dev = torch.zeros((), device=self.device)
         for epoch in range(t.inner_epochs):
-            order = torch.randperm(len(batches), generator=self.generator)
-            for k, part in enumerate(order.tensor_split(t.optimizer_steps_per_iteration)):
-                step_rows = sum(len(batches[i]) for i in part.tolist())
+            for k, part in enumerate(self._schedule(owners)):
+                step_rows = sum(len(batches[i]) for i in part)
                 if step_rows == 0:
                     continue
                 self.optimizer.zero_grad(set_to_none=True)
-                for i in part.tolist():
+                for i in part:
                     if i not in latents:
                         continue  # another rank's
                     rows = batches[i].to(self.device)
@@ -209,6 +210,21 @@ class Learner:
         """The first `steps` latents of some rows of a rollout batch, on the device (one
         micro-batch at a time: the batch's latents stay in the object store)."""
         return torch.from_numpy(wire.tensor_column(rollout, "latents")[positions, :steps]).to(self.device)
+
+    def _schedule(self, owners: list[int]) -> list[list[int]]:
+        """One inner epoch's optimizer steps, as micro-batch indices: every rank's
+        micro-batches (`owners[i]` is micro-batch i's rank) shuffled and cut into
+        train.optimizer_steps_per_iteration slices, step k made of every rank's k-th slice,
+        as the paper's script does on each GPU. Every rank draws the same permutations,
+        so all agree on the steps; and each rank has its share of every step, so no rank
+        waits long at the step's all-reduce."""
+        steps: list[list[int]] = [[] for _ in range(self.config.train.optimizer_steps_per_iteration)]
+        for rank in range(self.world_size):
+            own = [i for i, owner in enumerate(owners) if owner == rank]
+            order = torch.randperm(len(own), generator=self.generator)
+            for k, part in enumerate(order.tensor_split(len(steps))):
+                steps[k].extend(own[j] for j in part.tolist())
+        return steps
 
     def _micro_batches(self, data: pa.Table, calls: np.ndarray) -> list[torch.Tensor]:
         """Row indices of `data` per rollout denoising batch (its rollout call and its

@@ -39,11 +39,14 @@ def _iteration_data(config):
 
 
 def test_two_learners_take_the_update_of_one(tiny_config, ray_cluster):
+    """With one optimizer step per iteration the steps hold the same micro-batches however
+    they are spread over ranks: two ranks must then give one learner's LoRA."""
     config = tiny_config("learner.num_workers=2", "learner.num_cpus=0.25", "learner.num_gpus=0",
-                         "sample.batch_size=4", "train.micro_batch_size=4", "train.optimizer_steps_per_iteration=2",
+                         "sample.batch_size=4", "train.micro_batch_size=4", "train.optimizer_steps_per_iteration=1",
+                         "train.inner_epochs=2",
                          "train.learning_rate=1e-2", "train.beta=0.04", "train.clip_range=10")
     data, batches, calls = _iteration_data(config)
-    single = Learner(config)
+    single = Learner(config)  # one rank: world size 1
     expected = single.train(data, *batches)
     group = LearnerGroup(Learner, config)
     try:

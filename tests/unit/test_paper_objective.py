@@ -236,3 +236,18 @@ def test_rollout_worker_caches_the_embeddings_of_recent_prompts(tiny_config):
     rollout.embed(["a blue dog", "a green car"])
     assert list(rollout._embeds) == ["a blue dog", "a green car"]  # the oldest left
     assert torch.equal(rollout.embed(["a red cat"]).tokens, first.tokens)  # encoded again, the same
+
+
+def test_every_rank_has_its_share_of_every_optimizer_step(tiny_config):
+    """The schedule cuts each rank's micro-batches into the steps: with 2 ranks, 2 steps
+    and 3 + 2 micro-batches, each step holds 1-2 of rank 0's and 1 of rank 1's, and all
+    ranks (the same generator state) agree on it."""
+    config = tiny_config("train.optimizer_steps_per_iteration=2")
+    a, b = Learner(config, rank=0, world_size=2), Learner(config, rank=1, world_size=2)
+    owners = [0, 1, 0, 1, 0]
+    steps = a._schedule(owners)
+    assert steps == b._schedule(owners)
+    assert sorted(i for step in steps for i in step) == [0, 1, 2, 3, 4]
+    for step in steps:
+        per_rank = [sum(owners[i] == r for i in step) for r in (0, 1)]
+        assert per_rank[1] == 1 and per_rank[0] in (1, 2)
