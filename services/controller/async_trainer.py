@@ -71,6 +71,9 @@ class AsyncTrainer(SyncTrainer):
             h.actor.set_weights.remote(self._weights_ref)
         return flight
 
+    def workers_in_flight(self) -> set[str]:
+        return {chunk.worker.name for flight in self._ahead for chunk in flight.pending.values()}
+
     def reset_in_flight(self) -> None:
         self._ahead.clear()
         self._published.clear()

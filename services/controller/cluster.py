@@ -102,15 +102,22 @@ class RolloutHandle:
     group: object  # its own placement group; None when it shares the colocated one
 
 
+def rollout_group(config: Config):
+    """A rollout worker's own placement group of one bundle (pending until it is placed)."""
+    return placement_group([_bundle(config.rollout.num_cpus, config.rollout.num_gpus)], strategy="STRICT_PACK")
+
+
 def start_rollout_worker(worker_cls, config: Config, index: int, timeout_s: float = 120.0,
-                         shared_group=None) -> RolloutHandle:
-    """One rollout actor in its own placement group of one bundle, so workers can be
-    added or removed one by one; with `shared_group` (colocated placement), in bundle
-    `index` of that group, beside learner rank `index`. Restarted by Ray when its
-    process dies."""
+                         shared_group=None, own_group=None) -> RolloutHandle:
+    """One rollout actor in its own placement group of one bundle (`own_group`, placed
+    already, or made here), so workers can be added or removed one by one; with
+    `shared_group` (colocated placement), in bundle `index` of that group, beside
+    learner rank `index`. Restarted by Ray when its process dies."""
     r = config.rollout
-    if shared_group is None:
-        group, bundle = placement_group([_bundle(r.num_cpus, r.num_gpus)], strategy="STRICT_PACK"), 0
+    if own_group is not None:
+        group, bundle = own_group, 0
+    elif shared_group is None:
+        group, bundle = rollout_group(config), 0
         ready, _ = ray.wait([group.ready()], timeout=timeout_s)
         if not ready:
             remove_placement_group(group)

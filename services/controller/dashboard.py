@@ -36,6 +36,7 @@ _GAUGES = {  # key: (metric name, description, tag key)
     "images_per_second": ("flowgrpo_images_per_second", "Rollout images generated per second", None),
     "reward_mean": ("flowgrpo_reward_mean", "Mean reward of the last iteration per reward name", "reward"),
     "queue_depth": ("flowgrpo_queue_depth", "Items waiting in each queue", "queue"),
+    "rollout_workers": ("flowgrpo_rollout_workers", "Rollout workers taking calls (flowgrpo scale changes it)", None),
     "eval": ("flowgrpo_eval", "The last evaluation's metrics (GenEval accuracies, OCR accuracy, PickScore)", "metric"),
 }
 
@@ -73,6 +74,9 @@ class DashboardMetrics:
     def set_reward_means(self, means: Mapping[str, float]) -> None:
         for name, value in means.items():
             self._set("reward_mean", value, name)
+
+    def set_rollout_workers(self, count: int) -> None:
+        self._set("rollout_workers", count)
 
     def set_queue_depth(self, name: str, depth: int) -> None:
         self._set("queue_depth", depth, name)

@@ -32,6 +32,7 @@ from common.prompts import PromptStream, load_prompts, resolve_prompt_path
 from common.sde import sde_window
 from services.controller import cluster, evaluation
 from services.controller.dashboard import DashboardMetrics
+from services.controller.elastic import Elastic
 from services.controller.iteration import assign_advantages, reward_stats
 from services.controller.learner_group import LearnerGroup
 from services.controller.run_folder import RunFolder
@@ -79,7 +80,7 @@ class Chunk:
     window: tuple[int, int] | None = None  # the iteration's SDE window (sample.sde_window_size)
     attempts: int = 0
     rescored: int = 0  # times its batch was scored again after a reward worker died
-    worker: int = -1
+    worker: cluster.RolloutHandle | None = None
     started: float = field(default=0.0)
 
 
@@ -93,12 +94,14 @@ class SyncTrainer:
         self.eval_records = evaluation.eval_records(config)
         self.start_iteration = 0
         self.resume = resume
-        self.rollouts: list[cluster.RolloutHandle] = []
+        self.rollouts: list[cluster.RolloutHandle] = []  # the workers taking calls
+        self.retiring: list[cluster.RolloutHandle] = []  # removed, stopped once their calls are collected
+        self.elastic: Elastic | None = None
         self.rewards: list = []
         self.learner = None
         self._next_reward = 0
-        self._probes: dict[int, tuple[ray.ObjectRef, float]] = {}  # worker -> its progress() call, when sent
-        self._busy_mark: tuple[float, list] | None = None  # (when, each worker's busy seconds) at the last gather
+        self._probes: dict[str, tuple[ray.ObjectRef, float]] = {}  # worker -> its progress() call, when sent
+        self._busy_mark: tuple[float, dict] | None = None  # (when, each worker's busy seconds) at the last gather
         self._learn_end: float | None = None
         self._learner_restarts = 0
         self.version = 0
@@ -132,9 +135,13 @@ class SyncTrainer:
         else:
             self.folder.write_config(self.config)
         self.publish_weights(wait=True)
+        self.elastic = Elastic(self, RolloutWorker)
 
     def stop(self) -> None:
         """Kill every actor this trainer started and free their placement groups."""
+        if self.elastic is not None:
+            self.elastic.stop()
+            self.elastic = None
         if self.rollouts:
             cluster.stop(self.rollouts)
             self.rollouts = []
@@ -222,8 +229,9 @@ class SyncTrainer:
     def iteration(self, it: int) -> dict[str, float]:
         start = time.perf_counter()
         self.dashboard.set_iteration(it)
+        scale = self.elastic.step()  # workers added or removed join or leave here, between iterations
         scored = self.rollouts_of(it)
-        data, metrics = scored.data, scored.metrics
+        data, metrics = scored.data, {**scored.metrics, **scale}
         metrics.update(self.learn(scored))
         metrics.update(self.publish_weights(wait=self.wait_for_weights))
         metrics.update(self.maybe_evaluate(it + 1))
@@ -240,7 +248,7 @@ class SyncTrainer:
         version published last)."""
         flight = InFlight(it, {}, time.perf_counter(), self.stream.state())
         for chunk in self._plan_chunks(it, self.version if min_version is None else min_version):
-            self._dispatch(chunk, chunk.index % len(self.rollouts), flight.pending)
+            self._dispatch(chunk, self.rollouts[chunk.index % len(self.rollouts)], flight.pending)
         return flight
 
     def gather(self, flight: InFlight) -> Scored:
@@ -360,10 +368,10 @@ class SyncTrainer:
         return [Chunk(k, draws[i:i + per_call], seed_base + i, min_version, window=window)
                 for k, i in enumerate(range(0, len(draws), per_call))]
 
-    def _dispatch(self, chunk: Chunk, worker: int, pending: dict) -> None:
+    def _dispatch(self, chunk: Chunk, worker: cluster.RolloutHandle, pending: dict) -> None:
         chunk.worker, chunk.started = worker, time.perf_counter()
         prompts = [r.prompt for _, r in chunk.draws]
-        ref = self.rollouts[worker].actor.generate.remote(
+        ref = worker.actor.generate.remote(
             prompts, [i for i, _ in chunk.draws], [r.metadata for _, r in chunk.draws], chunk.seed,
             min_version=chunk.min_version, sde_window=chunk.window)
         pending[ref] = chunk
@@ -393,9 +401,10 @@ class SyncTrainer:
         chunk.attempts += 1
         if chunk.attempts > CHUNK_RETRIES:
             raise RunFailed(f"a rollout chunk failed {chunk.attempts} times; last error: {err}") from err
-        failed = self.rollouts[chunk.worker]
+        failed = chunk.worker
         failed.actor.set_weights.remote(self._weights_ref)
-        self._dispatch(chunk, (chunk.worker + 1) % len(self.rollouts), pending)
+        after = self.rollouts.index(failed) + 1 if failed in self.rollouts else 0  # a removed worker is not in the list
+        self._dispatch(chunk, self.rollouts[after % len(self.rollouts)], pending)
         return 1
 
     def _expire(self, pending: dict) -> int:
@@ -407,8 +416,8 @@ class SyncTrainer:
         collected (async: while the learner updates), is not running. Cancelling is no
         use, since Ray only flags a running actor task."""
         now, timeout, killed = time.perf_counter(), self.config.rollout.timeout_s, 0
-        for worker in sorted({chunk.worker for chunk in pending.values()}):
-            handle = self.rollouts[worker]
+        for handle in {chunk.worker.name: chunk.worker for chunk in pending.values()}.values():
+            worker = handle.name
             if worker not in self._probes:
                 self._probes[worker] = (cluster.progress(handle), now)
                 continue
@@ -431,17 +440,21 @@ class SyncTrainer:
                 killed += 1
         return killed
 
-    def _worker_progress(self) -> list[dict | None]:
-        """Each rollout worker's progress report (RolloutWorker.progress); None for one
-        that is restarting or does not answer within rollout.timeout_s."""
-        refs = [cluster.progress(h) for h in self.rollouts]
-        out = []
-        for ref in refs:
+    def _worker_progress(self) -> dict[str, dict | None]:
+        """Each rollout worker's progress report (RolloutWorker.progress) by name; None
+        for one that is restarting or does not answer within rollout.timeout_s."""
+        refs = {h.name: cluster.progress(h) for h in self.rollouts + self.retiring}
+        out = {}
+        for name, ref in refs.items():
             try:
-                out.append(ray.get(ref, timeout=self.config.rollout.timeout_s))
+                out[name] = ray.get(ref, timeout=self.config.rollout.timeout_s)
             except (RayActorError, GetTimeoutError):
-                out.append(None)
+                out[name] = None
         return out
+
+    def workers_in_flight(self) -> set[str]:
+        """The workers with calls sent and not yet collected, between iterations (sync: none)."""
+        return set()
 
     def _rollout_timings(self, seeds: list[int], rows: int) -> dict[str, float]:
         """Timings that mean the same in sync and async: from each worker's own record of
@@ -453,7 +466,7 @@ class SyncTrainer:
         gather (in sync the learner's update is there; in async it should be small)."""
         reports, now = self._worker_progress(), time.perf_counter()
         wanted, spans, busy = set(seeds), [], []
-        for report in filter(None, reports):
+        for report in filter(None, reports.values()):
             calls = [report["calls"][seed] for seed in wanted & set(report["calls"])]
             if calls:
                 spans.append(max(t + d for t, d in calls) - min(t for t, _ in calls))
@@ -461,10 +474,11 @@ class SyncTrainer:
         span = max(spans, default=float("nan"))
         out = {"time/rollout": span, "time/rollout_compute": max(busy, default=float("nan")),
                "images_per_second": rows / span if span > 0 else float("nan")}
-        counts = [r["busy_seconds"] if r else float("nan") for r in reports]
-        if self._busy_mark is not None and len(self._busy_mark[1]) == len(counts):
-            wall = now - self._busy_mark[0]
-            idle = [wall - (b - a) for a, b in zip(self._busy_mark[1], counts) if b >= a]  # NaN or restarted: skipped
+        counts = {name: r["busy_seconds"] for name, r in reports.items() if r}
+        if self._busy_mark is not None:
+            wall, before = now - self._busy_mark[0], self._busy_mark[1]
+            # a worker new since, restarting or restarted (its count starts over) is skipped
+            idle = [wall - (b - before[n]) for n, b in counts.items() if n in before and b >= before[n]]
             if idle:
                 out["time/rollout_idle"] = float(np.mean(idle))
         self._busy_mark = (now, counts)

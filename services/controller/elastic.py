@@ -1,0 +1,141 @@
+"""Elastic rollout workers: `flowgrpo scale RUN_DIR --rollout-workers N` changes how many
+rollout workers a running job has, also one submitted with Ray Jobs.
+
+The job starts a small named actor (`ScaleControl`, named after the run folder, in the
+`flowgrpo` namespace) that holds the wanted number of workers; `flowgrpo scale` connects
+to the same cluster and sets it. Between iterations the trainer calls `Elastic.step`,
+which never blocks on resources:
+- more workers wanted: each new worker asks for its own placement group; once that is
+  placed the actor starts, and once it is up it is sent the current LoRA and joins the
+  next iteration's dispatch. A group the cluster cannot place yet (a node is gone, the
+  autoscaler has not brought one) stays pending and is checked again next iteration,
+  while the run goes on with the workers it has.
+- fewer: pending requests are dropped first, then the newest workers stop taking new
+  calls; each is stopped once every call already sent to it has been collected (its
+  chunks finish; a call lost with it is sampled again on another worker).
+Logged per iteration: `rollout_workers` (taking calls) and `scale_events` (workers
+requested, joined or removed), and the dashboard's `flowgrpo_rollout_workers` gauge.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import remove_placement_group
+from tqdm import tqdm
+
+from services.controller import cluster
+
+NAMESPACE = "flowgrpo"
+
+
+class ScaleError(RuntimeError):
+    """`flowgrpo scale` found no running job of the run folder."""
+
+
+def control_name(run_dir: str | Path) -> str:
+    """The control actor's name: the same for every spelling of one run folder."""
+    return "scale-" + hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+
+class ScaleControl:
+    """The wanted number of rollout workers of one run."""
+
+    def __init__(self, target: int):
+        self.target = target
+
+    def set(self, target: int) -> int:
+        self.target = target
+        return target
+
+    def get(self) -> int:
+        return self.target
+
+
+def request(run_dir: str | Path, workers: int) -> None:
+    """Ask the job training in `run_dir` for `workers` rollout workers (the caller is
+    connected to the job's cluster)."""
+    try:
+        control = ray.get_actor(control_name(run_dir), namespace=NAMESPACE)
+    except ValueError:
+        raise ScaleError(f"RUN_DIR {run_dir}: no job is training in this run folder on this Ray cluster "
+                         f"(start it with `flowgrpo train`, or give the cluster's --address)") from None
+    ray.get(control.set.remote(workers))
+
+
+class Elastic:
+    def __init__(self, trainer, worker_cls):
+        self.trainer, self.worker_cls = trainer, worker_cls
+        self.control = ray.remote(num_cpus=0)(ScaleControl).options(
+            name=control_name(trainer.run_dir), namespace=NAMESPACE).remote(len(trainer.rollouts))
+        self.next_index = len(trainer.rollouts)
+        self.placing: list[tuple[object, int]] = []  # (placement group, worker index) not yet placed
+        self.starting: list[tuple[cluster.RolloutHandle, ray.ObjectRef]] = []  # (worker, its ready() call)
+        self._told_pending = False
+
+    @property
+    def wanted(self) -> int:
+        return ray.get(self.control.get.remote())
+
+    def step(self) -> dict[str, float]:
+        """Between iterations: act on the wanted number of workers without blocking."""
+        t, target, events = self.trainer, self.wanted, 0
+        have = len(t.rollouts) + len(self.placing) + len(self.starting)
+        for _ in range(target - have):
+            self.placing.append((cluster.rollout_group(t.config), self.next_index))
+            self.next_index += 1
+            events += 1
+        for _ in range(have - target):
+            if self.placing:
+                remove_placement_group(self.placing.pop()[0])
+            elif self.starting:
+                cluster.stop([self.starting.pop()[0]])
+            elif len(t.rollouts) > 1:
+                t.retiring.append(t.rollouts.pop())
+                tqdm.write(f"flowgrpo: {t.retiring[-1].name} takes no new calls and stops once its calls are "
+                           f"collected ({len(t.rollouts)} rollout worker(s) left)", file=sys.stderr)
+            events += 1
+        self._place()
+        events += self._join()
+        self._retire()
+        t.dashboard.set_rollout_workers(len(t.rollouts))
+        return {"rollout_workers": float(len(t.rollouts)), "scale_events": float(events)}
+
+    def _place(self) -> None:
+        placed = [(g, i) for g, i in self.placing if ray.wait([g.ready()], timeout=0)[0]]
+        for group, index in placed:
+            self.placing.remove((group, index))
+            handle = cluster.start_rollout_worker(self.worker_cls, self.trainer.config, index, own_group=group)
+            self.starting.append((handle, handle.actor.ready.remote()))
+        if self.placing and not self._told_pending:
+            tqdm.write(f"flowgrpo: {len(self.placing)} rollout worker(s) wait for the cluster to place them; "
+                       f"the run goes on with {len(self.trainer.rollouts)}", file=sys.stderr)
+        self._told_pending = bool(self.placing)
+
+    def _join(self) -> int:
+        """Workers that are up load the current LoRA (queued before any call) and join."""
+        joined = [(h, ref) for h, ref in self.starting if ray.wait([ref], timeout=0)[0]]
+        for handle, ref in joined:
+            self.starting.remove((handle, ref))
+            handle.actor.set_weights.remote(self.trainer._weights_ref)
+            self.trainer.rollouts.append(handle)
+            tqdm.write(f"flowgrpo: {handle.name} joined ({len(self.trainer.rollouts)} rollout worker(s))",
+                       file=sys.stderr)
+        return len(joined)
+
+    def _retire(self) -> None:
+        """Stop the retiring workers that no call in flight still needs."""
+        busy = self.trainer.workers_in_flight()
+        done = [h for h in self.trainer.retiring if h.name not in busy]
+        for handle in done:
+            self.trainer.retiring.remove(handle)
+        cluster.stop(done)
+
+    def stop(self) -> None:
+        for group, _ in self.placing:
+            remove_placement_group(group)
+        cluster.stop([h for h, _ in self.starting] + self.trainer.retiring)
+        self.placing, self.starting, self.trainer.retiring = [], [], []
+        ray.kill(self.control, no_restart=True)
