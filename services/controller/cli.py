@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -27,6 +28,7 @@ examples:
   flowgrpo serve-reward --scorer ocr --port 50051  a scorer behind gRPC, in its own process
   flowgrpo gpu-check --json gpu.json               SD3.5 Medium's per-role speed and memory on this GPU
   flowgrpo plan --run runs/geneval --gpus 16       the fastest placement and split of 16 GPUs
+  flowgrpo scale runs/geneval --rollout-workers 4  more or fewer rollout workers for a running job
 """
 
 
@@ -126,6 +128,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="sd35-medium (default) or small: a tiny transformer on the CPU, to test the command")
     check.add_argument("--repeats", type=int, default=2, help="timed repetitions after one warm-up (default 2)")
     check.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON (for flowgrpo plan)")
+
+    scale = sub.add_parser(
+        "scale", help="change the number of rollout workers of a running job",
+        description="Ask the job training in RUN_DIR (started with flowgrpo train or submitted with Ray Jobs) for "
+                    "N rollout workers. New ones join at the next iteration once the cluster places them; "
+                    "removed ones stop once their calls are collected. rollout_workers and scale_events in "
+                    "RUN_DIR/metrics.jsonl show when.")
+    scale.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run folder of the running job")
+    scale.add_argument("--rollout-workers", type=int, required=True, metavar="N", help="rollout workers wanted")
+    scale.add_argument("--cluster", metavar="ADDRESS",
+                       help="the job's Ray cluster (default: $RAY_ADDRESS, else the cluster on this machine)")
 
     planner = sub.add_parser(
         "plan", help="the fastest placement and split of N GPUs, predicted from measured costs",
@@ -330,6 +343,33 @@ def _plan(args) -> int:
     return 0
 
 
+def _scale(args) -> int:
+    if args.rollout_workers < 1:
+        print(f"flowgrpo: error: --rollout-workers: must be at least 1, got {args.rollout_workers}", file=sys.stderr)
+        return 2
+    import ray
+
+    from services.controller import elastic
+
+    address = args.cluster or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    except ConnectionError as err:
+        print(f"flowgrpo: error: --cluster: no Ray cluster to join at {address} ({err}); give the job's address",
+              file=sys.stderr)
+        return 2
+    try:
+        elastic.request(args.run_dir, args.rollout_workers)
+    except elastic.ScaleError as err:
+        print(f"flowgrpo: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        ray.shutdown()
+    print(f"flowgrpo: asked the job in {args.run_dir} for {args.rollout_workers} rollout worker(s); they change "
+          f"between iterations (rollout_workers in {args.run_dir / 'metrics.jsonl'})", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if hasattr(args, "address") and loopback.starts_local_cluster(args.address):
@@ -361,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             return _gpu_check(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "scale":
+            return _scale(args)
         if args.command == "serve-reward":
             from common.config import check_scorer_name, load_config
             from services.reward.grpc_service import PortInUseError, run_server

@@ -136,3 +136,24 @@ def test_a_killed_rollout_worker_is_replaced_and_the_run_finishes(config, tmp_pa
     assert versions == [4, 4]  # the replacement holds the current version
     assert history[2]["chunks_resampled"] + history[2]["samples_refused_stale"] >= 1
     assert logged_once(tmp_path / "run", 4)
+
+
+def test_flowgrpo_scale_reaches_the_run_from_another_process(ray_cluster, tmp_path):
+    """`flowgrpo scale` in its own process joins this cluster and sets the run's wanted count."""
+    import subprocess
+    import sys
+
+    control = ray.remote(num_cpus=0)(elastic.ScaleControl).options(
+        name=elastic.control_name(tmp_path), namespace=elastic.NAMESPACE).remote(1)
+    try:
+        done = subprocess.run([sys.executable, "-m", "services.controller.cli", "scale", str(tmp_path / "." ),
+                               "--rollout-workers", "3"], capture_output=True, text=True, timeout=120,
+                              cwd=Path(__file__).resolve().parents[2])
+        assert done.returncode == 0, done.stderr
+        assert ray.get(control.get.remote()) == 3
+        other = subprocess.run([sys.executable, "-m", "services.controller.cli", "scale", str(tmp_path / "other"),
+                                "--rollout-workers", "2"], capture_output=True, text=True, timeout=120,
+                               cwd=Path(__file__).resolve().parents[2])
+        assert other.returncode == 2 and "no job is training in this run folder" in other.stderr
+    finally:
+        ray.kill(control)
