@@ -68,8 +68,9 @@ def request(run_dir: str | Path, workers: int) -> None:
 class Elastic:
     def __init__(self, trainer, worker_cls):
         self.trainer, self.worker_cls = trainer, worker_cls
-        self.control = ray.remote(num_cpus=0)(ScaleControl).options(
-            name=control_name(trainer.run_dir), namespace=NAMESPACE).remote(len(trainer.rollouts))
+        self.control = ray.remote(num_cpus=0)(ScaleControl).options(  # one left by a run stopped a moment ago: reused
+            name=control_name(trainer.run_dir), namespace=NAMESPACE, get_if_exists=True).remote(len(trainer.rollouts))
+        ray.get(self.control.set.remote(len(trainer.rollouts)))
         self.next_index = len(trainer.rollouts)
         self.placing: list[tuple[object, int]] = []  # (placement group, worker index) not yet placed
         self.starting: list[tuple[cluster.RolloutHandle, ray.ObjectRef]] = []  # (worker, its ready() call)

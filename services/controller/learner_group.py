@@ -110,8 +110,11 @@ class LearnerGroup:
         return ray.get([a.pid.remote() for a in self.actors])
 
     def restart(self) -> None:
-        """Kill every rank and start them again (a process group cannot lose a member)."""
+        """Kill every rank and start them again (a process group cannot lose a member), in
+        a new placement group: the old one still holds its resources."""
         self._kill()
+        if self.shared_group is None:
+            remove_placement_group(self.group)
         self._start()
 
     def stop(self) -> None:
