@@ -1,6 +1,6 @@
 """The learner: a plain class (the controller wraps it with `ray.remote`) that holds the
 frozen SD3 transformer with the trainable LoRA, and runs the GRPO update on scored
-rollout batches (DESIGN.md §1.5, §1.6; the learner group: §2.3).
+rollout batches (the loss: DESIGN.md §1.5 and §1.6; the learner group: DESIGN.md §2.3).
 
 For a sample with advantage A and a trained step j (the first floor(timestep_fraction * T)
 steps), with the log-prob recomputed under the current weights:
