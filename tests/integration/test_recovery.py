@@ -143,17 +143,19 @@ def test_flowgrpo_scale_reaches_the_run_from_another_process(ray_cluster, tmp_pa
     import subprocess
     import sys
 
+    address = ray.get_runtime_context().gcs_address  # not "auto": other tests' clusters may be newer
     control = ray.remote(num_cpus=0)(elastic.ScaleControl).options(
         name=elastic.control_name(tmp_path), namespace=elastic.NAMESPACE).remote(1)
+    def scale(run_dir, workers):
+        return subprocess.run([sys.executable, "-m", "services.controller.cli", "scale", str(run_dir),
+                               "--rollout-workers", str(workers), "--cluster", address],
+                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+
     try:
-        done = subprocess.run([sys.executable, "-m", "services.controller.cli", "scale", str(tmp_path / "." ),
-                               "--rollout-workers", "3"], capture_output=True, text=True, timeout=120,
-                              cwd=Path(__file__).resolve().parents[2])
+        done = scale(tmp_path / ".", 3)
         assert done.returncode == 0, done.stderr
         assert ray.get(control.get.remote()) == 3
-        other = subprocess.run([sys.executable, "-m", "services.controller.cli", "scale", str(tmp_path / "other"),
-                                "--rollout-workers", "2"], capture_output=True, text=True, timeout=120,
-                               cwd=Path(__file__).resolve().parents[2])
+        other = scale(tmp_path / "other", 2)
         assert other.returncode == 2 and "no job is training in this run folder" in other.stderr
     finally:
         ray.kill(control)
