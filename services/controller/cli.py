@@ -15,7 +15,7 @@ DEFAULT_CONFIG = REPO_ROOT / "deploy" / "configs" / "tiny_cpu.yaml"
 
 EPILOG = """\
 examples:
-  flowgrpo train                                   tiny CPU run on a local Ray cluster (a minute and a quarter)
+  flowgrpo train                                   tiny CPU run on a local Ray cluster (about 50 s)
   flowgrpo train --set run.iterations=50 --set rollout.num_workers=1
   flowgrpo train --config deploy/configs/sd35_geneval.yaml --run-dir runs/geneval
   flowgrpo train --resume runs/geneval             continue from the last checkpoint
