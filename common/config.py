@@ -506,14 +506,18 @@ def _blame(err: ConfigError, path: Path | None, data: dict[str, Any], overrides:
         key = item.partition("=")[0]
         if field == key or field.startswith((key + ".", key + "[")) or key.startswith(field + "."):
             return f"--set {item}: {err}"
-    if overrides:
-        try:
-            from_dict(copy.deepcopy(data)).validate()
-        except ConfigError:
-            pass
-        else:
-            return " ".join(f"--set {item}" for item in overrides) + f": {err}"
+    if overrides and _valid(data):
+        return " ".join(f"--set {item}" for item in overrides) + f": {err}"
     return f"{path}: {err}" if path else str(err)
+
+
+def _valid(data: dict[str, Any]) -> bool:
+    """Whether `data` alone (the file, without the overrides) is a valid config."""
+    try:
+        from_dict(copy.deepcopy(data)).validate()
+    except ConfigError:
+        return False
+    return True
 
 
 def dump_config(config: Config, path: str | Path) -> None:

@@ -25,11 +25,23 @@ class PromptEmbeds:
         index = torch.as_tensor(index, device=self.tokens.device, dtype=torch.long)
         return PromptEmbeds(self.tokens[index], self.pooled[index])
 
-    def to_bytes(self) -> bytes:
-        """safetensors bytes, for the rollout batch (the learner loads no text encoder)."""
+    def to_bytes(self, negative: "PromptEmbeds | None" = None) -> bytes:
+        """safetensors bytes of one prompt's embeddings (and of the negative prompt's),
+        for the rollout batch: the learner loads no text encoder (`from_bytes`)."""
         from safetensors.torch import save
 
-        return save({"tokens": self.tokens.detach().cpu().contiguous(), "pooled": self.pooled.detach().cpu().contiguous()})
+        parts = {"": self} if negative is None else {"": self, "negative_": negative}
+        return save({f"{prefix}{name}": getattr(e, name).detach().cpu().contiguous()
+                     for prefix, e in parts.items() for name in ("tokens", "pooled")})
+
+    @staticmethod
+    def from_bytes(data: bytes, device) -> tuple["PromptEmbeds", "PromptEmbeds | None"]:
+        """The prompt's embeddings and, when stored with them, the negative prompt's."""
+        from safetensors.torch import load
+
+        t = {k: v.to(device) for k, v in load(data).items()}
+        negative = PromptEmbeds(t["negative_tokens"], t["negative_pooled"]) if "negative_tokens" in t else None
+        return PromptEmbeds(t["tokens"], t["pooled"]), negative
 
     @staticmethod
     def cat(parts: list["PromptEmbeds"]) -> "PromptEmbeds":

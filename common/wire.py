@@ -168,24 +168,36 @@ def concat(batches: Sequence[pa.RecordBatch]) -> pa.Table:
     return pa.Table.from_batches(list(batches))
 
 
-def join_latents(data: pa.Table, rollouts: Sequence[pa.RecordBatch]) -> np.ndarray:
-    """The latents of `data`'s rows, read from the rollout batches they came from.
+def rollout_calls(data: pa.Table, rollouts: Sequence[pa.RecordBatch]) -> np.ndarray:
+    """For each row of `data`, the index of the rollout batch it came from (group keys,
+    `prompt_index`, are unique within an iteration and never span two calls)."""
+    call_of = {}
+    for call, batch in enumerate(rollouts):
+        call_of.update(dict.fromkeys(batch.column("prompt_index").to_pylist(), call))
+    return np.array([call_of[key] for key in data.column("prompt_index").to_pylist()], dtype=np.int64)
 
-    Scoring returns batches without latents (the largest column, T+1 latents per
-    image), so they travel once, from the rollout worker's output straight to the
-    learner. `data` holds the rows of the groups that survived scoring, in the order of
-    `rollouts`; group keys (`prompt_index`) are unique within an iteration."""
-    kept = set(data.column("prompt_index").to_pylist())
-    parts, keys = [], []
-    for batch in rollouts:
+
+def rows_in_rollouts(data: pa.Table, rollouts: Sequence[pa.RecordBatch | None], calls: np.ndarray) -> np.ndarray:
+    """Each row's position in its rollout batch (`calls[i]` indexes `rollouts`; -1 where
+    that batch is None, another learner rank's).
+
+    Scoring returns rows without latents (the largest column, T+1 latents per image), so
+    they travel once, from the rollout worker's output straight to the learner, which
+    reads them here. Scoring keeps the rows of whole groups in order: a call's rows in
+    `data` are its batch's rows of the groups that survived."""
+    positions = np.full(data.num_rows, -1, dtype=np.int64)
+    keys = data.column("prompt_index").to_numpy()
+    for call, batch in enumerate(rollouts):
+        if batch is None:
+            continue
+        mine = np.flatnonzero(calls == call)
         index = batch.column("prompt_index").to_numpy()
-        rows = np.flatnonzero(np.isin(index, list(kept)))
-        parts.append(tensor_column(batch, "latents")[rows])
-        keys.append(index[rows])
-    if not np.array_equal(np.concatenate(keys), data.column("prompt_index").to_numpy()):
-        raise ValueError("join_latents: the scored rows are not the rollout rows in order; "
-                         "pass the rollout batches in the order their chunks were concatenated")
-    return np.concatenate(parts)
+        found = np.flatnonzero(np.isin(index, keys[mine]))
+        if len(found) != len(mine) or not np.array_equal(index[found], keys[mine]):
+            raise ValueError("rows_in_rollouts: the scored rows are not their rollout batch's rows in order; "
+                             "pass the rollout batches in the order their chunks were concatenated")
+        positions[mine] = found
+    return positions
 
 
 def for_log(data: pa.Table) -> pa.Table:

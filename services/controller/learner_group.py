@@ -21,6 +21,7 @@ import socket
 import numpy as np
 import pyarrow as pa
 import ray
+from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -79,6 +80,14 @@ class LearnerGroup:
     def ready(self) -> int:
         """Wait until every rank is up; the policy version."""
         return ray.get([a.ready.remote() for a in self.actors])[0]
+
+    def alive(self) -> bool:
+        """Whether every rank answers (a dead rank's process group cannot go on)."""
+        try:
+            self.ready()
+        except RayActorError:
+            return False
+        return True
 
     def train(self, data: pa.Table, rollouts: list, calls: np.ndarray) -> dict[str, float]:
         """One update on the scored rows; `rollouts` are the rollout batches' object

@@ -195,11 +195,7 @@ class SyncTrainer:
         group from the last checkpoint (or from the start, before the first) and return
         the iteration to go on from; the iterations after the checkpoint are redone and
         their records replaced. Any other error is raised again."""
-        try:
-            self.learner.ready()
-        except RayActorError:
-            pass
-        else:
+        if self.learner.alive():
             raise err
         self._learner_restarts += 1
         if self._learner_restarts > CHUNK_RETRIES:

@@ -36,7 +36,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 from peft import set_peft_model_state_dict
-from safetensors.torch import load as load_safetensors
 
 from common import wire
 from common.config import Config
@@ -109,12 +108,12 @@ class Learner:
         start = time.perf_counter()
         t = self.config.train
         if calls is None:
-            calls = rollout_calls(data, rollouts)
+            calls = wire.rollout_calls(data, rollouts)
         keep = np.flatnonzero(data.column("advantage").to_numpy() != 0)  # zero-std groups carry no signal
         if len(keep) == 0:
             self.version += 1
             return {"samples_trained": 0.0, "learn_seconds": time.perf_counter() - start}
-        positions = _positions_in_calls(data, rollouts, calls)[keep]
+        positions = wire.rows_in_rollouts(data, rollouts, calls)[keep]
         data, calls = data.take(pa.array(keep)), np.asarray(calls)[keep]
         self._check_timesteps(wire.list_column(data, "timesteps"))
         log_probs = wire.list_column(data, "log_probs")
@@ -186,11 +185,9 @@ class Learner:
             for prompt, blob in zip(batch.column("prompt").to_pylist(), batch.column("prompt_embeds").to_pylist()):
                 if blob is None:
                     continue
-                tensors = load_safetensors(blob)
-                out[prompt] = PromptEmbeds(tensors["tokens"].to(self.device), tensors["pooled"].to(self.device))
-                if self.negative is None and "negative_tokens" in tensors:
-                    self.negative = PromptEmbeds(tensors["negative_tokens"].to(self.device),
-                                                 tensors["negative_pooled"].to(self.device))
+                out[prompt], negative = PromptEmbeds.from_bytes(blob, self.device)
+                if self.negative is None and negative is not None:
+                    self.negative = negative
         return out
 
     def _trained_steps(self, log_probs: np.ndarray) -> list[int]:
@@ -335,29 +332,3 @@ class Learner:
             self.ema.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
         self.version = state["version"]
-
-
-def rollout_calls(data: pa.Table, rollouts) -> np.ndarray:
-    """For each row of `data`, the index of the rollout batch it came from (group keys,
-    `prompt_index`, are unique within an iteration and never span two calls)."""
-    call_of = {}
-    for call, batch in enumerate(rollouts):
-        call_of.update(dict.fromkeys(batch.column("prompt_index").to_pylist(), call))
-    return np.array([call_of[key] for key in data.column("prompt_index").to_pylist()], dtype=np.int64)
-
-
-def _positions_in_calls(data: pa.Table, rollouts, calls: np.ndarray) -> np.ndarray:
-    """Each row's position in its rollout batch (-1 where the batch is another rank's).
-    Scoring keeps the rows of whole groups in order, so a call's rows in `data` are its
-    batch's rows of the groups that survived."""
-    positions = np.full(data.num_rows, -1, dtype=np.int64)
-    keys = data.column("prompt_index").to_numpy()
-    for call, batch in enumerate(rollouts):
-        if batch is None:
-            continue
-        mine = np.flatnonzero(calls == call)
-        found = np.flatnonzero(np.isin(batch.column("prompt_index").to_numpy(), keys[mine]))
-        if len(found) != len(mine) or not np.array_equal(batch.column("prompt_index").to_numpy()[found], keys[mine]):
-            raise ValueError("Learner.train: the scored rows are not their rollout batch's rows in order")
-        positions[mine] = found
-    return positions

@@ -152,8 +152,7 @@ class RolloutWorker:
         and the negative prompt's on the call's first row, under the negative key."""
         column: list[bytes | None] = [None] * (len(embeds) * group_size)
         for i in range(len(embeds)):
-            column[i * group_size] = embeds.select([i]).to_bytes()
-        column[0] = _with_negative(column[0], self.negative)
+            column[i * group_size] = embeds.select([i]).to_bytes(self.negative if i == 0 else None)
         return column
 
     def evaluate(self, prompts: Sequence[str], prompt_index: Sequence[int], metadata: Sequence[Mapping[str, Any]],
@@ -177,11 +176,3 @@ class RolloutWorker:
                                       [metadata[i] for i in rows_np], np.concatenate(images), flat_seeds, self.version)
         self._busy_seconds += time.perf_counter() - start
         return batch
-
-
-def _with_negative(data: bytes, negative: PromptEmbeds) -> bytes:
-    from safetensors.torch import load, save
-
-    tensors = load(data)
-    tensors.update(negative_tokens=negative.tokens.cpu().contiguous(), negative_pooled=negative.pooled.cpu().contiguous())
-    return save(tensors)

@@ -65,11 +65,11 @@ class Timed:
 
 
 class TimedSync(Timed, SyncTrainer):
-    pass
+    """The sync loop, with Timed's kill and clock."""
 
 
 class TimedAsync(Timed, AsyncTrainer):
-    pass
+    """The async loop, with Timed's kill and clock."""
 
 
 def run(cfg, kill=None):

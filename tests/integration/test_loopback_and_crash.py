@@ -1,5 +1,6 @@
 """A local run listens on loopback only, measured on its processes' sockets (not trusted
 from a setting), and a run killed mid-way leaves records that read and resume whole."""
+import contextlib
 import ipaddress
 import os
 import signal
@@ -74,10 +75,8 @@ def _watch(process, seen, until=lambda: False, timeout=300):
     root = psutil.Process(process.pid)
     while process.poll() is None and time.monotonic() < deadline:
         seen["sockets"] |= listening_sockets(root)
-        try:
+        with contextlib.suppress(psutil.Error):  # the tree may end while it is read
             seen["pids"] |= {p.pid for p in root.children(recursive=True)}
-        except psutil.Error:
-            pass
         if until():
             return True
         time.sleep(0.3)
@@ -103,10 +102,8 @@ def test_a_local_run_listens_on_loopback_and_a_killed_one_resumes_its_records_wh
     finally:
         first.kill()
         for pid in seen["pids"]:  # the Ray processes it started, if they outlive it
-            try:
+            with contextlib.suppress(psutil.Error):  # already gone
                 psutil.Process(pid).kill()
-            except psutil.Error:
-                pass
     assert read_while_running and read_while_running[0] >= 8
     for path in (run_dir / "rollouts").iterdir():  # every file the crash left reads
         if not path.name.startswith("."):

@@ -43,7 +43,7 @@ def _reference_gradient(learner, data, batch, rollout):
     config = learner.config
     s, t, n = config.sample, config.train, len(learner.paper_steps)
     tr = learner.transformer
-    latents = torch.from_numpy(wire.join_latents(data, [batch]))
+    latents = torch.tensor(wire.tensor_column(batch, "latents"))  # every group kept
     old = torch.from_numpy(wire.list_column(data, "log_probs"))
     adv = torch.tensor(data.column("advantage").to_numpy(), dtype=torch.float32)
     cond = rollout.embed(data.column("prompt").to_pylist())
@@ -73,7 +73,7 @@ def _learner_gradient(learner, data, batch, rollout):
     """The gradient the learner's own accumulation leaves for the same micro-batch."""
     t = learner.config.train
     steps = learner.paper_steps
-    latents = torch.from_numpy(wire.join_latents(data, [batch]))[:, : len(steps) + 1]
+    latents = torch.tensor(wire.tensor_column(batch, "latents"))[:, : len(steps) + 1]  # every group kept
     old = torch.from_numpy(wire.list_column(data, "log_probs"))[:, : len(steps)]
     adv = torch.tensor(data.column("advantage").to_numpy(), dtype=torch.float32)
     cond = rollout.embed(data.column("prompt").to_pylist())

@@ -35,11 +35,14 @@ def test_latents_join_back_to_the_groups_that_survived_scoring():
     # group 1 failed scoring: the scored table holds groups 0, 2, 3, without latents
     scored = wire.concat([first.filter(np.isin(first.column("prompt_index").to_numpy(), [0])), second])
     scored = scored.drop_columns(["latents"])
-    joined = wire.join_latents(scored, [first, second])
+    calls = wire.rollout_calls(scored, [first, second])
+    positions = wire.rows_in_rollouts(scored, [first, second], calls)
+    joined = np.concatenate([wire.tensor_column([first, second][c], "latents")[[p]] for c, p in zip(calls, positions)])
     expected = np.concatenate([wire.tensor_column(first, "latents")[:2], wire.tensor_column(second, "latents")])
     assert np.array_equal(joined, expected)
+    assert wire.rows_in_rollouts(scored, [None, second], calls)[:2].tolist() == [-1, -1]  # another rank's call
     with pytest.raises(ValueError, match="in order"):
-        wire.join_latents(scored, [second, first])
+        wire.rows_in_rollouts(scored, [second, first], calls)
 
 
 def test_details_travel_as_json_per_row_and_stay_in_the_log():
