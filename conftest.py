@@ -4,6 +4,7 @@ The variables are set at import, before any test module imports Ray or a hub cli
 Ray reads them when it starts, huggingface_hub when it is imported.
 """
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -54,6 +55,24 @@ def tiny_config(tiny_model_dir):
 
     def make(*overrides):
         return load_config(None, base + list(overrides))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def run_config(tiny_config, ray_cluster):
+    """A factory of configs for whole runs on the session's Ray cluster: the tiny model,
+    a text prompt file, CPU shares that fit 2 CPUs, 4 images a rollout call; the
+    overrides (dotted keys) add the rest."""
+    from services.controller.preflight import prepare
+
+    prompts = Path(__file__).resolve().parent / "tests" / "fixtures" / "prompts" / "pickscore.txt"
+
+    def make(*overrides):
+        return prepare(tiny_config(
+            f"prompts.train={prompts}", "prompts.format=text", "rollout.num_gpus=0", "rollout.num_cpus=0.5",
+            "learner.num_gpus=0", "learner.num_cpus=0.5", "reward.num_cpus=0.25", "sample.batch_size=4",
+            "train.learning_rate=1e-2", *overrides))
 
     return make
 

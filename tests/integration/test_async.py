@@ -10,21 +10,15 @@ import ray
 
 from services.controller.async_trainer import AsyncTrainer
 from services.controller.job import train
-from services.controller.preflight import prepare
 from services.controller.trainer import SyncTrainer
 
 pytestmark = pytest.mark.ray
-PROMPTS = Path(__file__).resolve().parents[1] / "fixtures" / "prompts" / "pickscore.txt"
 
 
 @pytest.fixture(scope="module")
-def one_worker(tiny_config, ray_cluster):
+def one_worker(run_config):
     def make(*overrides):
-        return prepare(tiny_config(
-            f"prompts.train={PROMPTS}", "prompts.format=text", "rollout.num_workers=1", "rollout.num_gpus=0",
-            "rollout.num_cpus=0.5", "learner.num_gpus=0", "learner.num_cpus=0.5", "reward.num_cpus=0.25",
-            "sample.batch_size=4", "run.checkpoint_every=1", "run.sample_images_every=0",
-            "train.learning_rate=1e-2", "train.ema_every=1", *overrides))
+        return run_config("rollout.num_workers=1", "run.checkpoint_every=1", "run.sample_images_every=0", "train.ema_every=1", *overrides)
     return make
 
 

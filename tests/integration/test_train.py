@@ -4,7 +4,6 @@ import os
 import signal
 import time
 from collections import Counter
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,23 +14,18 @@ import torch
 from ray.exceptions import RayActorError
 
 from common.config import ConfigError, load_config
-from common.lora import LoraLoadError
 from services.controller.preflight import prepare
 from services.controller.job import train
 from services.controller.trainer import SyncTrainer
 
 pytestmark = pytest.mark.ray
-PROMPTS = Path(__file__).resolve().parents[1] / "fixtures" / "prompts" / "pickscore.txt"
 
 
 @pytest.fixture(scope="module")
-def ray_config(tiny_config, ray_cluster):
+def ray_config(run_config):
     def make(*overrides):
-        return prepare(tiny_config(
-            f"prompts.train={PROMPTS}", "prompts.format=text", "rollout.num_workers=2", "rollout.num_gpus=0",
-            "rollout.num_cpus=0.5", "learner.num_gpus=0", "learner.num_cpus=0.5", "reward.num_cpus=0.25",
-            "sample.batch_size=4", "run.iterations=2", "run.checkpoint_every=1", "run.sample_images_every=1",
-            "train.learning_rate=1e-2", "train.ema_every=1", *overrides))
+        return run_config("rollout.num_workers=2", "run.iterations=2", "run.checkpoint_every=1",
+                          "run.sample_images_every=1", "train.ema_every=1", *overrides)
     return make
 
 

@@ -10,7 +10,7 @@ from common.wire import details_column, make_rollout_batch
 from services.reward import worker as worker_module
 from services.reward.base import ScoreOutput, Scorer, ScorerNeeds
 from services.reward.image_rewards import Brightness, JpegCompressibility
-from services.reward.scorers import SCORERS, build_scorer, scorer_needs
+from services.reward.scorers import SCORERS, scorer_needs
 from services.reward.worker import GroupFailure, RewardWorker
 
 
