@@ -214,12 +214,16 @@ class PromptsConfig:
 @dataclass
 class RolloutConfig:
     """Rollout workers: each is one Ray actor in its own one-bundle placement group.
-    Each caches the text embeddings of its `prompt_cache_size` most recent prompts."""
+    Each caches the text embeddings of its `prompt_cache_size` most recent prompts.
+    `resources`: custom Ray resources each worker asks for besides its CPUs and GPUs,
+    e.g. {rollout_node: 1} to keep rollout workers on the nodes (or autoscaler node type)
+    that advertise `rollout_node`."""
     num_workers: int = 1
     num_gpus: float = 1.0
     num_cpus: float = 1.0
     timeout_s: float = 600.0
     prompt_cache_size: int = 128
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -348,6 +352,10 @@ class Config:
         _check(self.rollout.num_workers >= 1, "rollout.num_workers", "must be at least 1")
         _check(self.learner.num_workers >= 1, "learner.num_workers", "must be at least 1")
         _check(self.rollout.prompt_cache_size >= 0, "rollout.prompt_cache_size", "must be >= 0 (0: no cache)")
+        for name, amount in self.rollout.resources.items():
+            _check(name not in ("CPU", "GPU", "memory"), f"rollout.resources.{name}",
+                   "is set by rollout.num_cpus / rollout.num_gpus (or Ray itself); name a custom resource")
+            _check(0 < amount < float("inf"), f"rollout.resources.{name}", f"must be a positive number, got {amount:g}")
         if self.placement == "colocated":
             _check(self.rollout.num_workers == self.learner.num_workers, "rollout.num_workers",
                    f"colocated placement puts one rollout worker and one learner rank on each GPU: set it equal to "

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from common.config import Config, ConfigError
@@ -69,11 +69,11 @@ def plain_ray_logs(stream=None) -> None:
         logger.addFilter(_StripAnsi())
 
 
-def _bundle(num_cpus: float, num_gpus: float) -> dict[str, float]:
+def _bundle(num_cpus: float, num_gpus: float, custom: dict[str, float] | None = None) -> dict[str, float]:
     bundle = {"CPU": num_cpus}
     if num_gpus:
         bundle["GPU"] = num_gpus
-    return bundle
+    return {**bundle, **(custom or {})}
 
 
 def check_resources(config: Config) -> None:
@@ -93,6 +93,11 @@ def check_resources(config: Config) -> None:
             raise ConfigError(f"rollout.num_workers: the config needs {need:g} {kind} ({detail}) but the cluster "
                               f"has {have.get(kind, 0):g}: lower rollout.num_workers or the per-worker "
                               f"{key}, or add nodes")
+    for name, amount in r.resources.items():
+        if r.num_workers * amount > have.get(name, 0) + 1e-9:
+            raise ConfigError(f"rollout.resources.{name}: rollout.num_workers x {amount:g} = "
+                              f"{r.num_workers * amount:g} {name} but the cluster has {have.get(name, 0):g}: "
+                              f"start nodes with --resources '{{\"{name}\": N}}', or lower rollout.num_workers")
 
 
 @dataclass
@@ -100,11 +105,13 @@ class RolloutHandle:
     name: str
     actor: ray.actor.ActorHandle
     group: object  # its own placement group; None when it shares the colocated one
+    node: str  # the Ray node id its bundle was placed on: the worker is lost when that node dies
 
 
 def rollout_group(config: Config):
     """A rollout worker's own placement group of one bundle (pending until it is placed)."""
-    return placement_group([_bundle(config.rollout.num_cpus, config.rollout.num_gpus)], strategy="STRICT_PACK")
+    r = config.rollout
+    return placement_group([_bundle(r.num_cpus, r.num_gpus, r.resources)], strategy="STRICT_PACK")
 
 
 def start_rollout_worker(worker_cls, config: Config, index: int, timeout_s: float = 120.0,
@@ -112,7 +119,8 @@ def start_rollout_worker(worker_cls, config: Config, index: int, timeout_s: floa
     """One rollout actor in its own placement group of one bundle (`own_group`, placed
     already, or made here), so workers can be added or removed one by one; with
     `shared_group` (colocated placement), in bundle `index` of that group, beside
-    learner rank `index`. Restarted by Ray when its process dies."""
+    learner rank `index`. Restarted by Ray when its process dies; when its node dies,
+    replaced by the controller (Elastic.drop_lost)."""
     r = config.rollout
     if own_group is not None:
         group, bundle = own_group, 0
@@ -122,15 +130,16 @@ def start_rollout_worker(worker_cls, config: Config, index: int, timeout_s: floa
         if not ready:
             remove_placement_group(group)
             raise ConfigError(f"rollout.num_workers: the placement group of rollout worker {index} "
-                              f"({_bundle(r.num_cpus, r.num_gpus)}) was not placed within {timeout_s:g} s")
+                              f"({_bundle(r.num_cpus, r.num_gpus, r.resources)}) was not placed within {timeout_s:g} s")
     else:
         group, bundle = shared_group, index
     name = f"rollout-{index}"
     actor = ray.remote(concurrency_groups={PROGRESS: 1})(worker_cls).options(
-        num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=-1, max_task_retries=0,
+        num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=r.resources, max_restarts=-1, max_task_retries=0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
     ).remote(config, name)
-    return RolloutHandle(name, actor, group if shared_group is None else None)
+    node = placement_group_table(group)["bundles_to_node_id"][bundle]
+    return RolloutHandle(name, actor, group if shared_group is None else None, node)
 
 
 def progress(handle: RolloutHandle) -> ray.ObjectRef:
@@ -145,7 +154,7 @@ def colocated_group(config: Config, timeout_s: float = 120.0):
     """Colocated placement: one bundle per GPU holding a rollout worker's and a learner
     rank's shares (rollout.num_gpus + learner.num_gpus of one GPU, their CPUs)."""
     r, lr = config.rollout, config.learner
-    bundle = _bundle(r.num_cpus + lr.num_cpus, r.num_gpus + lr.num_gpus)
+    bundle = _bundle(r.num_cpus + lr.num_cpus, r.num_gpus + lr.num_gpus, r.resources)
     group = placement_group([bundle] * lr.num_workers, strategy="PACK")
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:

@@ -13,17 +13,28 @@ which never blocks on resources:
 - fewer: pending requests are dropped first, then the newest workers stop taking new
   calls; each is stopped once every call already sent to it has been collected (its
   chunks finish; a call lost with it is sampled again on another worker).
-Logged per iteration: `rollout_workers` (taking calls) and `scale_events` (workers
-requested, joined or removed), and the dashboard's `flowgrpo_rollout_workers` gauge.
+- a node dies: once Ray marks it dead (its raylet missed `health_check_failure_threshold`
+  health checks `health_check_period_ms` apart, 5 x 3 s by default), the rollout workers
+  placed there are dropped from the set taking calls and killed with their placement
+  groups (Ray would otherwise keep rescheduling them); their calls fail and are sampled
+  again on the others. The wanted count is unchanged, so each gets a replacement through
+  the pending groups above, placed when the cluster (its autoscaler) has room again. With
+  no worker left nothing can sample: the run waits for a replacement, rollout.timeout_s
+  at most.
+Logged per iteration: `rollout_workers` (taking calls), `rollout_workers_pending`
+(requested, not yet joined), `workers_lost` (to dead nodes) and `scale_events` (workers
+requested, joined, removed or lost), and the dashboard's `flowgrpo_rollout_workers` gauge.
 """
 from __future__ import annotations
 
 import hashlib
 import sys
+import time
 from pathlib import Path
 
 import ray
 from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from services.controller import cluster
@@ -68,26 +79,52 @@ def request(run_dir: str | Path, workers: int) -> None:
 class Elastic:
     def __init__(self, trainer, worker_cls):
         self.trainer, self.worker_cls = trainer, worker_cls
+        # on the driver's node: a lost node never takes the wanted count with it
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.control = ray.remote(num_cpus=0)(ScaleControl).options(  # one left by a run stopped a moment ago: reused
-            name=control_name(trainer.run_dir), namespace=NAMESPACE, get_if_exists=True).remote(len(trainer.rollouts))
+            name=control_name(trainer.run_dir), namespace=NAMESPACE, get_if_exists=True,
+            scheduling_strategy=here).remote(len(trainer.rollouts))
         ray.get(self.control.set.remote(len(trainer.rollouts)))
         self.next_index = len(trainer.rollouts)
         self.placing: list[tuple[object, int]] = []  # (placement group, worker index) not yet placed
         self.starting: list[tuple[cluster.RolloutHandle, ray.ObjectRef]] = []  # (worker, its ready() call)
         self._told_pending = False
+        self.events = 0  # since the last step: workers requested, joined, removed or lost
+        self.lost = 0  # since the last step: workers lost with their node
 
     @property
     def wanted(self) -> int:
         return ray.get(self.control.get.remote())
 
     def step(self) -> dict[str, float]:
-        """Between iterations: act on the wanted number of workers without blocking."""
-        t, target, events = self.trainer, self.wanted, 0
+        """Between iterations: act on lost nodes and the wanted number of workers, without
+        blocking while any worker is left."""
+        t = self.trainer
+        self._act()
+        self._wait_while_none()
+        metrics = {"rollout_workers": float(len(t.rollouts)), "scale_events": float(self.events),
+                   "workers_lost": float(self.lost),
+                   "rollout_workers_pending": float(len(self.placing) + len(self.starting))}
+        self.events = self.lost = 0
+        t.dashboard.set_rollout_workers(len(t.rollouts))
+        return metrics
+
+    def drop_lost(self) -> None:
+        """Drop and kill the rollout workers whose node Ray reports dead (the trainer calls
+        this when a call fails); with none left, wait for a replacement."""
+        self._drop_lost()
+        self._wait_while_none()
+
+    def _act(self) -> None:
+        """One pass: drop the workers of dead nodes, request or remove workers, start the
+        placed ones, let the started ones join, stop the retired ones."""
+        self._drop_lost()
+        t, target = self.trainer, self.wanted
         have = len(t.rollouts) + len(self.placing) + len(self.starting)
         for _ in range(target - have):
             self.placing.append((cluster.rollout_group(t.config), self.next_index))
             self.next_index += 1
-            events += 1
+            self.events += 1
         for _ in range(have - target):
             if self.placing:
                 remove_placement_group(self.placing.pop()[0])
@@ -97,12 +134,51 @@ class Elastic:
                 t.retiring.append(t.rollouts.pop())
                 tqdm.write(f"flowgrpo: {t.retiring[-1].name} takes no new calls and stops once its calls are "
                            f"collected ({len(t.rollouts)} rollout worker(s) left)", file=sys.stderr)
-            events += 1
+            self.events += 1
         self._place()
-        events += self._join()
+        self._join()
         self._retire()
+
+    def _drop_lost(self) -> None:
+        """Drop and kill the rollout workers whose node Ray reports dead (one `ray.nodes()`
+        call). Their calls in flight fail and the trainer samples them again elsewhere."""
+        t = self.trainer
+        nodes = {n["NodeID"]: n for n in ray.nodes()}
+        lost = {h.name: h for h in t.rollouts + [h for h, _ in self.starting] + t.retiring
+                if not nodes.get(h.node, {}).get("Alive", False)}
+        if not lost:
+            return
+        retired = {h.name for h in t.retiring}
+        t.rollouts = [h for h in t.rollouts if h.name not in lost]
+        self.starting = [(h, ref) for h, ref in self.starting if h.name not in lost]
+        t.retiring = [h for h in t.retiring if h.name not in lost]
+        cluster.stop(list(lost.values()))
+        self.events += len(lost)
+        self.lost += len(lost)
+        for name, handle in lost.items():
+            where = nodes.get(handle.node, {}).get("NodeManagerAddress", "?")
+            after = "it was retiring" if name in retired else "a replacement is requested"
+            tqdm.write(f"flowgrpo: {name} is lost with its node {where} ({handle.node[:12]}); "
+                       f"{len(t.rollouts)} rollout worker(s) left, {after}", file=sys.stderr)
         t.dashboard.set_rollout_workers(len(t.rollouts))
-        return {"rollout_workers": float(len(t.rollouts)), "scale_events": float(events)}
+
+    def _wait_while_none(self) -> None:
+        """With every rollout worker lost nothing can sample: wait for a replacement to
+        join, at most rollout.timeout_s."""
+        if self.trainer.rollouts:
+            return
+        from services.controller.trainer import RunFailed  # not at the top: the trainer imports this module
+
+        timeout = self.trainer.config.rollout.timeout_s
+        tqdm.write(f"flowgrpo: no rollout worker left; the run waits up to {timeout:g} s (rollout.timeout_s) "
+                   f"for the cluster to place one", file=sys.stderr)
+        deadline = time.monotonic() + timeout
+        while not self.trainer.rollouts:
+            if time.monotonic() > deadline:
+                raise RunFailed(f"every rollout worker was lost and none was placed within rollout.timeout_s="
+                                f"{timeout:g} s; add nodes to the cluster")
+            time.sleep(1.0)
+            self._act()
 
     def _place(self) -> None:
         placed = [(g, i) for g, i in self.placing if ray.wait([g.ready()], timeout=0)[0]]
@@ -115,7 +191,7 @@ class Elastic:
                        f"the run goes on with {len(self.trainer.rollouts)}", file=sys.stderr)
         self._told_pending = bool(self.placing)
 
-    def _join(self) -> int:
+    def _join(self) -> None:
         """Workers that are up load the current LoRA (queued before any call) and join."""
         joined = [(h, ref) for h, ref in self.starting if ray.wait([ref], timeout=0)[0]]
         for handle, ref in joined:
@@ -124,7 +200,7 @@ class Elastic:
             self.trainer.rollouts.append(handle)
             tqdm.write(f"flowgrpo: {handle.name} joined ({len(self.trainer.rollouts)} rollout worker(s))",
                        file=sys.stderr)
-        return len(joined)
+        self.events += len(joined)
 
     def _retire(self) -> None:
         """Stop the retiring workers that no call in flight still needs."""

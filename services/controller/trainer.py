@@ -393,10 +393,12 @@ class SyncTrainer:
 
     def _retry(self, chunk: Chunk, err: Exception, pending: dict) -> int:
         """Re-sample a lost chunk on the next worker; the failed one is restarted by Ray
-        and gets the current weights before its next call."""
+        and gets the current weights before its next call, or, when its node died, is
+        dropped (Elastic.drop_lost)."""
         chunk.attempts += 1
         if chunk.attempts > CHUNK_RETRIES:
             raise RunFailed(f"a rollout chunk failed {chunk.attempts} times; last error: {err}") from err
+        self.elastic.drop_lost()
         failed = chunk.worker
         failed.actor.set_weights.remote(self._weights_ref)
         after = self.rollouts.index(failed) + 1 if failed in self.rollouts else 0  # a removed worker is not in the list
@@ -493,18 +495,24 @@ class SyncTrainer:
         loaded = [h.actor.set_weights.remote(self._weights_ref) for h in self.rollouts]
         if wait:
             for h, ref in zip(self.rollouts, loaded):
-                self.dashboard.set_worker_version(h.name, self._await_load(h, ref))
+                version = self._await_load(h, ref)
+                if version is not None:
+                    self.dashboard.set_worker_version(h.name, version)
         return {"time/weight_sync": time.perf_counter() - start, "policy_version": float(self.version)}
 
-    def _await_load(self, handle: cluster.RolloutHandle, ref: ray.ObjectRef) -> int:
+    def _await_load(self, handle: cluster.RolloutHandle, ref: ray.ObjectRef) -> int | None:
         """The version a worker loaded; a worker that Ray is restarting gets the weights
-        again once it is back (within rollout.timeout_s)."""
+        again once it is back (within rollout.timeout_s); None for one lost with its node."""
         deadline = time.monotonic() + self.config.rollout.timeout_s
         while True:
             try:
                 return ray.get(ref, timeout=self.config.rollout.timeout_s)
-            except ActorUnavailableError:
-                if time.monotonic() > deadline:
+            except RayActorError as err:
+                if self.elastic is not None:
+                    self.elastic.drop_lost()
+                if handle not in self.rollouts:  # its node is gone: Elastic asks for a replacement
+                    return None
+                if not isinstance(err, ActorUnavailableError) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
                 ref = handle.actor.set_weights.remote(self._weights_ref)

@@ -1,10 +1,8 @@
 """Workers that die while a run goes: the run recovers and its records hold every
 (iteration, group) exactly once. The session's Ray cluster, the tiny model."""
-import json
 import os
 import signal
 import time
-from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,6 +12,7 @@ import ray
 from services.controller import elastic
 from services.controller.async_trainer import AsyncTrainer
 from services.controller.trainer import SyncTrainer
+from tests.helpers.run_records import logged_once
 
 pytestmark = pytest.mark.ray
 
@@ -23,16 +22,6 @@ def config(run_config):
     def make(*overrides):
         return run_config("rollout.num_workers=1", "run.sample_images_every=0", *overrides)
     return make
-
-
-def logged_once(run_dir, iterations):
-    """Every (iteration, group) of the run in the rollout log exactly once (4 images a
-    group, 2 groups an iteration), and every iteration once in metrics.jsonl."""
-    log = pq.read_table(Path(run_dir) / "rollouts")
-    groups = Counter(zip(log.column("iteration").to_pylist(), log.column("group").to_pylist()))
-    rows = [json.loads(line)["iteration"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return (groups == {(it, g): 4 for it in range(iterations) for g in (2 * it, 2 * it + 1)}
-            and rows == list(range(iterations)))
 
 
 class KillsTheLearner(AsyncTrainer):

@@ -37,6 +37,8 @@ def test_defaults_are_the_papers_sd35_settings():
     (["learner.num_cpus=-1"], "learner.num_cpus", ">= 0"),
     (["learner.num_gpus=-1"], "learner.num_gpus", ">= 0"),
     (["reward.num_cpus=-0.5"], "reward.num_cpus", ">= 0"),
+    (["rollout.resources={GPU: 1}"], "rollout.resources.GPU", "rollout.num_gpus"),
+    (["rollout.resources={rollout_node: 0}"], "rollout.resources.rollout_node", "positive"),
 ])
 def test_errors_name_the_flag_and_the_field(override, field, words):
     """The error starts with the --set the user typed that gave the bad field."""
