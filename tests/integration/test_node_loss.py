@@ -28,7 +28,9 @@ SLOT = "flowgrpo_test_rollout_slot"  # only the nodes started here have it: roll
 @pytest.fixture
 def nodes(ray_cluster):
     """A factory of worker nodes with one SLOT and no CPU (so nothing but a rollout worker
-    lands there); each is removed at the end with every process it started."""
+    lands there); each is removed at the end with every process it started. Started the
+    way ray.cluster_utils adds a node (that class wants its own head), since `ray start`
+    refuses to join a cluster kept on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)."""
     started = []
 
     def add() -> Node:
@@ -102,6 +104,8 @@ def test_a_lost_node_costs_its_worker_and_the_replacement_waits_for_room(run_con
     trainer.start()
     try:
         placed = sorted(h.node for h in trainer.rollouts)
+        listening = {c.laddr.ip for node in (first, second) for process in node_processes(node)
+                     for c in process.net_connections() if c.status == psutil.CONN_LISTEN}
         history = trainer.train()
         left = [h.name for h in trainer.rollouts]
         pending = [ray.util.placement_group_table(group)["state"] for group, _ in trainer.elastic.placing]
@@ -120,6 +124,7 @@ def test_a_lost_node_costs_its_worker_and_the_replacement_waits_for_room(run_con
     with capfd.disabled():
         print(f"\nnode killed -> iteration 2 completed: {trainer.next_done - trainer.killed_at:.1f} s")
     assert placed == sorted(trainer.nodes)  # one worker on each node
+    assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}  # the added nodes stay on loopback
     assert logged_once(tmp_path / "run", 5)  # the lost call was sampled again, nothing twice
     assert history[2]["chunks_resampled"] == 1
     # noticed in iteration 2 (its failed call, or the LoRA load), logged with the next one
