@@ -14,7 +14,7 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.pop("RAY_ADDRESS", None)  # never join a cluster the developer happens to run
 os.environ["RAY_metrics_report_interval_ms"] = "500"  # dashboard gauges show up within a second
-os.environ["RAY_health_check_period_ms"] = "500"  # a killed node is marked dead in ~4 s, not 15 s (test_node_loss)
+os.environ["RAY_health_check_period_ms"] = "500"  # a killed node is marked dead in ~2 s, not 15 s (test_node_loss)
 os.environ["RAY_health_check_failure_threshold"] = "3"
 
 import diffusers  # noqa: E402

@@ -353,7 +353,7 @@ class Config:
         _check(self.learner.num_workers >= 1, "learner.num_workers", "must be at least 1")
         _check(self.rollout.prompt_cache_size >= 0, "rollout.prompt_cache_size", "must be >= 0 (0: no cache)")
         for name, amount in self.rollout.resources.items():
-            _check(name not in ("CPU", "GPU", "memory"), f"rollout.resources.{name}",
+            _check(name not in ("CPU", "GPU", "memory", "object_store_memory"), f"rollout.resources.{name}",
                    "is set by rollout.num_cpus / rollout.num_gpus (or Ray itself); name a custom resource")
             _check(0 < amount < float("inf"), f"rollout.resources.{name}", f"must be a positive number, got {amount:g}")
         if self.placement == "colocated":
