@@ -5,16 +5,18 @@ without a GPU.
 Why these objects
     A tiny SD3-architecture transformer trained for minutes draws compact, correctly
     coloured blobs but no crisp geometry: circles, squares and triangles come out alike
-    (shared/notes/toy-world-probe.md). The four classes here differ in what such a model
-    can draw, size and elongation, and a detector tells them apart from a blob's box:
+    (shared/notes/toy-world-probe.md), and objects several latent pixels across come out
+    ragged. So the world is drawn in whole cells, one cell a latent pixel and one
+    transformer token (patch size 1), and its four classes differ in what such a model
+    can draw, size and elongation, which a detector reads from a blob's box:
 
-        dot    2 x 2 cells       block  4 x 4 or 5 x 5 cells
-        bar    wide,  (6..8) x (2..3) cells, at least twice as wide as tall
+        dot    1 x 1 cell        block  2 x 2 cells
+        bar    wide,  3 x 1 or 4 x 1 cells
         pole   tall,  the bar turned upright
 
-    A cell is one latent pixel: the scene is laid out on the GRID x GRID latent grid and
-    drawn at `resolution` pixels with resolution / GRID pixels a cell, so every scene is
-    exactly what the toy VAE decodes from a latent (common.toy_pretrain).
+    The scene is laid out on the GRID x GRID latent grid and drawn at `resolution`
+    pixels with resolution / GRID pixels a cell, so every scene is exactly what the toy
+    VAE decodes from a latent (common.toy_pretrain).
 
 Prompts and metadata are GenEval's (common.prompts.geneval_prompt, the six tags):
 single_object "a photo of a bar", two_object "a photo of a dot and a pole", counting
@@ -39,7 +41,7 @@ import numpy as np
 
 from common.prompts import GENEVAL_RELATIONS, GENEVAL_TAGS, geneval_prompt
 
-GRID = 16                      # cells per side: the latent size (64 px images, VAE factor 4)
+GRID = 8                       # cells per side: the latent size (64 px images, VAE factor 8)
 GAP = 1                        # free cells between any two objects
 CLASSES = ("dot", "block", "bar", "pole")
 # GenEval colour names and the RGB each is drawn in; the background is a plain mid grey.
@@ -68,12 +70,11 @@ class ToyObject:
 def object_size(name: str, rng: np.random.Generator) -> tuple[int, int]:
     """(w, h) in cells of an object of class `name` (module doc)."""
     if name == "dot":
-        return 2, 2
+        return 1, 1
     if name == "block":
-        side = int(rng.integers(4, 6))
-        return side, side
-    length, thickness = int(rng.integers(6, 9)), int(rng.integers(2, 4))
-    return (length, thickness) if name == "bar" else (thickness, length)
+        return 2, 2
+    length = int(rng.integers(3, 5))
+    return (length, 1) if name == "bar" else (1, length)
 
 
 # ---------------------------------------------------------------- prompts

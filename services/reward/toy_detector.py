@@ -6,15 +6,16 @@ objects the Mask2Former adapter gives them.
 How an image is read
   1. Average-pool it to the GRID x GRID cell grid (the toy VAE decodes one colour a cell).
   2. Give each cell the nearest of the background grey and the PALETTE colours (RGB
-     distance); the palette cells of one colour, 4-connected, are one object.
-  3. Its class from its box (w, h) in cells: elongation max/min >= ELONGATED gives a bar
-     (wider) or a pole (taller); else a box at most DOT_SIDE cells a side is a dot, any
-     larger one a block.
-  4. Its score: its size in cells over a dot's (4 cells), capped at 1. A one-cell speck
-     scores 0.25 and is dropped by GenEval's 0.3 threshold; a two- or three-cell scrap
-     counts as an object except under the counting tag's 0.9 (GenEval's own thresholds).
-  5. Its box and mask in pixels, and its colour: the palette colour it was segmented by
-     (`ToyColorClassifier` reads the same back from GenEval's colour crop).
+     distance); the non-background cells, 4-connected, are one object, whatever their
+     colours: as GenEval's detector finds objects by their shape and leaves colour to a
+     classifier. (Objects of a true scene never touch: common.toy_world keeps a free cell
+     between any two.)
+  3. Its class from its box (w, h) in cells: one cell is a dot; a box at least ELONGATED
+     cells long and twice as long as thick a bar (wider) or a pole (taller); any other
+     box a block (a 2 x 2 block with a corner missing, or half of one, stays a block).
+  4. Its score: 1 (every component, even one cell, is a whole object of some class).
+  5. Its box and mask in pixels, and its colour: the palette colour most of its cells
+     have (`ToyColorClassifier` reads the same back from GenEval's colour crop).
 """
 from __future__ import annotations
 
@@ -25,9 +26,7 @@ from scipy import ndimage
 from common.toy_world import BACKGROUND, GRID, PALETTE
 from services.reward.geneval_rules import Detection
 
-ELONGATED = 1.8
-DOT_SIDE = 3
-DOT_CELLS = 4
+ELONGATED = 3
 _COLORS = np.array([BACKGROUND, *PALETTE.values()], dtype=np.float64)   # index 0: background
 _NAMES = list(PALETTE)
 
@@ -37,16 +36,18 @@ def cell_labels(image: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
     if h % GRID or w % GRID:
         raise ValueError(f"toy detector: image {w}x{h} is not a multiple of the {GRID}-cell grid; "
-                         "sample at a resolution that is a multiple of 16 (the toy world's is 64)")
+                         f"sample at a resolution that is a multiple of {GRID} (the toy world's is 64)")
     cells = image.astype(np.float64).reshape(GRID, h // GRID, GRID, w // GRID, 3).mean(axis=(1, 3))
     return np.argmin(((cells[:, :, None, :] - _COLORS) ** 2).sum(-1), axis=-1)
 
 
 def classify_shape(w: int, h: int) -> str:
     """The toy class of an object whose box is w x h cells (module doc, step 3)."""
-    if max(w, h) >= ELONGATED * min(w, h):
+    if w == h == 1:
+        return "dot"
+    if max(w, h) >= ELONGATED and max(w, h) >= 2 * min(w, h):
         return "bar" if w > h else "pole"
-    return "dot" if max(w, h) <= DOT_SIDE else "block"
+    return "block"
 
 
 class ToyDetector:
@@ -61,19 +62,17 @@ class ToyDetector:
         labels = cell_labels(image)
         scale_y, scale_x = image.shape[0] // GRID, image.shape[1] // GRID
         found: dict[str, list[Detection]] = {}
-        for index, color in enumerate(_NAMES, start=1):
-            components, n = ndimage.label(labels == index)
-            for slice_y, slice_x in ndimage.find_objects(components):
-                component = components[slice_y, slice_x] > 0
-                w, h = slice_x.stop - slice_x.start, slice_y.stop - slice_y.start
-                mask = np.zeros((GRID, GRID), dtype=bool)
-                mask[slice_y, slice_x] = component
-                mask = mask.repeat(scale_y, axis=0).repeat(scale_x, axis=1)
-                box = (float(slice_x.start * scale_x), float(slice_y.start * scale_y),
-                       float(slice_x.stop * scale_x), float(slice_y.stop * scale_y))
-                score = min(1.0, int(component.sum()) / DOT_CELLS)
-                found.setdefault(classify_shape(w, h), []).append(
-                    Detection(box=box, score=score, mask=mask, color=color))
+        components, _ = ndimage.label(labels > 0)
+        for label, (slice_y, slice_x) in enumerate(ndimage.find_objects(components), start=1):
+            component = components[slice_y, slice_x] == label
+            w, h = slice_x.stop - slice_x.start, slice_y.stop - slice_y.start
+            color = _NAMES[int(np.bincount(labels[slice_y, slice_x][component], minlength=len(_COLORS))[1:].argmax())]
+            mask = np.zeros((GRID, GRID), dtype=bool)
+            mask[slice_y, slice_x] = component
+            mask = mask.repeat(scale_y, axis=0).repeat(scale_x, axis=1)
+            box = (float(slice_x.start * scale_x), float(slice_y.start * scale_y),
+                   float(slice_x.stop * scale_x), float(slice_y.stop * scale_y))
+            found.setdefault(classify_shape(w, h), []).append(Detection(box=box, score=1.0, mask=mask, color=color))
         return found
 
 

@@ -35,7 +35,7 @@ def test_same_seed_same_model_other_seed_other_model(pretrained):
 def test_saved_pipeline_decodes_scenes_as_the_world_draws_them(pretrained):
     root, _ = pretrained
     pipe = load_pipeline(str(root / "a"))
-    assert pipe.vae_scale_factor == 4
+    assert pipe.vae_scale_factor == 8
     _, test = split_prompts()
     rng = np.random.default_rng(0)
     scenes = [sample_scene(m, rng) for m in test[:6]]
@@ -63,4 +63,4 @@ def test_shipped_model_is_found_from_any_directory_and_loads(tmp_path, monkeypat
     record = json.loads((Path(config.model.path) / MARKER).read_text())
     assert record["steps_done"] == record["config"]["steps"] and record["max_sequence_length"] == config.model.max_sequence_length
     pipe = load_pipeline(config.model.path)
-    assert pipe.vae_scale_factor == 4 and pipe.transformer.config.sample_size == 16
+    assert pipe.vae_scale_factor == 8 and pipe.transformer.config.sample_size == 8
