@@ -13,6 +13,10 @@ How an image is read
   3. Its class from its box (w, h) in cells: one cell is a dot; a box at least ELONGATED
      cells long and twice as long as thick a bar (wider) or a pole (taller); any other
      box a block (a 2 x 2 block with a corner missing, or half of one, stays a block).
+     A blob larger than any object of the world, longer than MAX_SIDE cells or of more
+     than MAX_CELLS cells, is no object (a wall of colour is not a block, as GenEval's
+     detector would not call it one; else painting the image one colour would pass as
+     a single large block).
   4. Its score: 1 (every component, even one cell, is a whole object of some class).
   5. Its box and mask in pixels, and its colour: the palette colour most of its cells
      have (`ToyColorClassifier` reads the same back from GenEval's colour crop).
@@ -27,6 +31,8 @@ from common.toy_world import BACKGROUND, GRID, PALETTE
 from services.reward.geneval_rules import Detection
 
 ELONGATED = 3
+MAX_SIDE = 4       # the longest object of the world: a bar or pole of 4 cells
+MAX_CELLS = 6      # a 2 x 2 block with two cells to spare
 _COLORS = np.array([BACKGROUND, *PALETTE.values()], dtype=np.float64)   # index 0: background
 _NAMES = list(PALETTE)
 
@@ -66,6 +72,8 @@ class ToyDetector:
         for label, (slice_y, slice_x) in enumerate(ndimage.find_objects(components), start=1):
             component = components[slice_y, slice_x] == label
             w, h = slice_x.stop - slice_x.start, slice_y.stop - slice_y.start
+            if max(w, h) > MAX_SIDE or component.sum() > MAX_CELLS:
+                continue
             color = _NAMES[int(np.bincount(labels[slice_y, slice_x][component], minlength=len(_COLORS))[1:].argmax())]
             mask = np.zeros((GRID, GRID), dtype=bool)
             mask[slice_y, slice_x] = component

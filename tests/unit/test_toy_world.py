@@ -137,3 +137,13 @@ def test_an_object_is_found_by_its_shape_and_coloured_by_most_of_its_cells():
     image[8:16, 16:24] = PALETTE["green"]          # one cell of the bar drawn green
     found = DETECTOR.detect([image])[0]
     assert list(found) == ["bar"] and len(found["bar"]) == 1 and found["bar"][0].color == "yellow"
+
+
+def test_a_blob_larger_than_any_object_is_none():
+    """A wall of colour is no block: painting the image blue does not pass as one."""
+    one_block = next(r for r in all_prompts() if r["prompt"] == "a photo of a block")
+    wall = np.empty((64, 64, 3), dtype=np.uint8)
+    wall[:] = PALETTE["blue"]
+    assert DETECTOR.detect([wall])[0] == {}
+    assert verdicts(wall, one_block)[0].score == 0.0
+    assert DETECTOR.detect([render([ToyObject("block", "red", 2, 2, 3, 2)])])[0]["block"]   # 6 cells: still a block
