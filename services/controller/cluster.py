@@ -24,6 +24,7 @@ from services.controller import loopback
 WORKER_RUNTIME_ENV = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}}
 PROGRESS = "progress"  # the rollout worker's concurrency group for progress()
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+START_TIMEOUT_S = 120.0  # how long a worker may take to start (or restart): placing it and loading its model
 
 
 def connect(address: str | None = None) -> bool:
@@ -114,7 +115,7 @@ def rollout_group(config: Config):
     return placement_group([_bundle(r.num_cpus, r.num_gpus, r.resources)], strategy="STRICT_PACK")
 
 
-def start_rollout_worker(worker_cls, config: Config, index: int, timeout_s: float = 120.0,
+def start_rollout_worker(worker_cls, config: Config, index: int, timeout_s: float = START_TIMEOUT_S,
                          shared_group=None, own_group=None) -> RolloutHandle:
     """One rollout actor in its own placement group of one bundle (`own_group`, placed
     already, or made here), so workers can be added or removed one by one; with
@@ -150,7 +151,7 @@ def progress(handle: RolloutHandle) -> ray.ObjectRef:
     return handle.actor.progress.options(concurrency_group=PROGRESS).remote()
 
 
-def colocated_group(config: Config, timeout_s: float = 120.0):
+def colocated_group(config: Config, timeout_s: float = START_TIMEOUT_S):
     """Colocated placement: one bundle per GPU holding a rollout worker's and a learner
     rank's shares (rollout.num_gpus + learner.num_gpus of one GPU, their CPUs)."""
     r, lr = config.rollout, config.learner

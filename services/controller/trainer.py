@@ -394,15 +394,20 @@ class SyncTrainer:
     def _retry(self, chunk: Chunk, err: Exception, pending: dict) -> int:
         """Re-sample a lost chunk on the next worker; the failed one is restarted by Ray
         and gets the current weights before its next call, or, when its node died, is
-        dropped (Elastic.drop_lost)."""
+        dropped (Elastic.drop_lost). When the failed worker is the only one, the chunk
+        waits until Ray has it back (else every retry would fail at once on a worker
+        still restarting)."""
         chunk.attempts += 1
         if chunk.attempts > CHUNK_RETRIES:
             raise RunFailed(f"a rollout chunk failed {chunk.attempts} times; last error: {err}") from err
         self.elastic.drop_lost()
         failed = chunk.worker
-        failed.actor.set_weights.remote(self._weights_ref)
+        loaded = failed.actor.set_weights.remote(self._weights_ref)
         after = self.rollouts.index(failed) + 1 if failed in self.rollouts else 0  # a removed worker is not in the list
-        self._dispatch(chunk, self.rollouts[after % len(self.rollouts)], pending)
+        target = self.rollouts[after % len(self.rollouts)]
+        if target is failed and self._await_load(failed, loaded, cluster.START_TIMEOUT_S) is None:  # lost with its node
+            return self._retry(chunk, err, pending)
+        self._dispatch(chunk, target, pending)
         return 1
 
     def _expire(self, pending: dict) -> int:
@@ -500,10 +505,11 @@ class SyncTrainer:
                     self.dashboard.set_worker_version(h.name, version)
         return {"time/weight_sync": time.perf_counter() - start, "policy_version": float(self.version)}
 
-    def _await_load(self, handle: cluster.RolloutHandle, ref: ray.ObjectRef) -> int | None:
+    def _await_load(self, handle: cluster.RolloutHandle, ref: ray.ObjectRef, wait_s: float | None = None) -> int | None:
         """The version a worker loaded; a worker that Ray is restarting gets the weights
-        again once it is back (within rollout.timeout_s); None for one lost with its node."""
-        deadline = time.monotonic() + self.config.rollout.timeout_s
+        again once it is back (within `wait_s`, default rollout.timeout_s); None for one
+        lost with its node."""
+        deadline = time.monotonic() + (wait_s or self.config.rollout.timeout_s)
         while True:
             try:
                 return ray.get(ref, timeout=self.config.rollout.timeout_s)
