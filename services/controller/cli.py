@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     toy.add_argument("--seed", type=int, default=0)
     toy.add_argument("--threads", type=int, default=2,
                      help="torch threads (default 2; results depend on it, as on the seed)")
+    toy.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR, replacing the model files there (else it is refused)")
     toy.add_argument("--save-every", type=int, default=0, metavar="STEPS",
                      help="also save the model every STEPS steps, to look at it while it trains (default: at the end)")
 
@@ -290,6 +291,10 @@ def _pretrain_toy(args) -> int:
 
     if args.steps < 1 or args.threads < 1:
         print("flowgrpo: error: --steps and --threads must be at least 1", file=sys.stderr)
+        return 2
+    if args.out_dir.exists() and any(args.out_dir.iterdir()) and not args.overwrite:
+        print(f"flowgrpo: error: OUT_DIR {args.out_dir} is not empty; give a new folder, or add --overwrite "
+              f"to write the model over what it holds", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     record = pretrain(args.out_dir, PretrainConfig(steps=args.steps, seed=args.seed, save_every=args.save_every))

@@ -208,3 +208,13 @@ def test_a_user_error_in_a_starting_worker_is_one_plain_line(config_file, tmp_pa
     monkeypatch.setattr(job, "train", _raising(other))
     with pytest.raises(RayActorError):  # not a user error: the traceback is the report
         cli.main(["train", "--config", str(config_file), "--run-dir", str(tmp_path / "run2")])
+
+
+def test_pretrain_toy_refuses_a_folder_that_holds_something(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert cli.main(["pretrain-toy", str(out), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"OUT_DIR {out} is not empty" in err and "--overwrite" in err
+    assert (out / "notes.txt").read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
