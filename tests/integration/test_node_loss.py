@@ -2,6 +2,7 @@
 so, and asks for a replacement, which waits (a pending placement group) until the
 cluster has room again. Real nodes of the session's Ray cluster, started from this
 process on loopback and killed by their processes' ids."""
+import contextlib
 import dataclasses
 import os
 import signal
@@ -62,10 +63,8 @@ def kill_node(node: Node) -> list[psutil.Process]:
     except psutil.NoSuchProcess:
         return []
     for process in processes:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # ended with its parent meanwhile
             process.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
     return processes
 
 
