@@ -36,7 +36,8 @@ _GAUGES = {  # key: (metric name, description, tag key)
     "images_per_second": ("flowgrpo_images_per_second", "Rollout images generated per second", None),
     "reward_mean": ("flowgrpo_reward_mean", "Mean reward of the last iteration per reward name", "reward"),
     "queue_depth": ("flowgrpo_queue_depth", "Items waiting in each queue", "queue"),
-    "rollout_workers": ("flowgrpo_rollout_workers", "Rollout workers taking calls (flowgrpo scale changes it)", None),
+    "rollout_workers": ("flowgrpo_rollout_workers", "Rollout workers taking calls (flowgrpo scale changes it; "
+                        "a lost node or worker lowers it until its replacement joins)", None),
     "eval": ("flowgrpo_eval", "The last evaluation's metrics (GenEval accuracies, OCR accuracy, PickScore)", "metric"),
 }
 
