@@ -107,7 +107,7 @@ def test_a_lost_node_costs_its_worker_and_the_replacement_waits_for_room(run_con
                      for c in process.net_connections() if c.status == psutil.CONN_LISTEN}
         history = trainer.train()
         left = [h.name for h in trainer.rollouts]
-        pending = [ray.util.placement_group_table(group)["state"] for group, _ in trainer.elastic.placing]
+        pending = [ray.util.placement_group_table(p.group)["state"] for p in trainer.elastic.placing]
         # The last worker's node dies too: nothing can sample, so the run waits for a
         # replacement, rollout.timeout_s at most, and then ends with a plain message.
         kill_node(trainer.nodes[trainer.rollouts[0].node])
