@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
+from ray.util.placement_group import placement_group_table
 
 from services.controller import elastic
 from services.controller.async_trainer import AsyncTrainer
@@ -61,7 +62,11 @@ class Scales(AsyncTrainer):
             elastic.request(self.run_dir, 2)
         self.events_while_waiting = getattr(self, "events_while_waiting", 0.0)
         if it == 2:  # the run waits for the new worker here: it starts slower than tiny iterations go
-            while self.elastic.placing or self.elastic.starting:
+            while any(placement_group_table(p.group)["state"] != "CREATED" for p in self.elastic.placing):
+                time.sleep(0.2)
+            self.events_while_waiting += self.elastic.step()["scale_events"]
+            self.placed_seen_by_next_step = not self.elastic.placing  # not only when a GCS reply lands in time
+            while self.elastic.starting:
                 time.sleep(0.5)
                 self.events_while_waiting += self.elastic.step()["scale_events"]
         metrics = super().iteration(it)
@@ -80,6 +85,7 @@ def test_rollout_workers_scale_up_and_down_while_the_run_goes(config, tmp_path):
     finally:
         trainer.stop()
     workers = [h["rollout_workers"] for h in history]
+    assert trainer.placed_seen_by_next_step  # a placed group is started by the next step
     assert workers == [1, 1, 2, 2, 1, 1, 1] and left == ["rollout-0"]
     assert sum(h["scale_events"] for h in history) + trainer.events_while_waiting == 3  # requested, joined, removed
     log = pq.read_table(tmp_path / "run" / "rollouts")
