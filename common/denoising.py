@@ -1,5 +1,6 @@
 """What the rollout workers and the learner share around the transformer: prompt
-embeddings, the sigma schedule, and the classifier-free-guided velocity.
+embeddings, the sigma schedule, the classifier-free-guided velocity, and the SDE step
+of stored latents recomputed under the current weights.
 
 Both sides must run exactly this code for the learner's recomputed log-probs to equal
 the rollout's (ratio 1 before the first update).
@@ -9,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from common.sde import SdeStep, sde_step_with_logprob
 
 
 @dataclass
@@ -100,3 +103,15 @@ def guided_velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor, 
                    PromptEmbeds(torch.cat([uncond.tokens, cond.tokens]), torch.cat([uncond.pooled, cond.pooled])))
         v_uncond, v_cond = both.chunk(2)
     return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+def recompute_step(transformer, latents: torch.Tensor, j: int, timesteps: torch.Tensor, sigmas: torch.Tensor,
+                   cond: PromptEmbeds, uncond: PromptEmbeds, guidance_scale: float, noise_level: float,
+                   detach_uncond: bool = False) -> SdeStep:
+    """The SDE step j of stored latents [B, T+1, ...] under `transformer` as it is now,
+    with the log-prob of the stored x_{j+1}: the learner's recomputation (gradients
+    flow unless the caller disables them). `uncond` holds one embedding per sample."""
+    dtype = transformer.dtype
+    x, x_next = latents[:, j].to(dtype), latents[:, j + 1].to(dtype)
+    v = guided_velocity(transformer, x, timesteps[j], cond, uncond, guidance_scale, detach_uncond=detach_uncond)
+    return sde_step_with_logprob(v, x, sigmas, j, noise_level, prev_sample=x_next)

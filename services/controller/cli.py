@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     toy.add_argument("--seed", type=int, default=0)
     toy.add_argument("--threads", type=int, default=2,
                      help="torch threads (default 2; results depend on it, as on the seed)")
-    toy.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR, replacing the model files there (else it is refused)")
+    toy.add_argument("--overwrite", action="store_true",
+                     help="write into a non-empty OUT_DIR, replacing the model files there (else it is refused)")
     toy.add_argument("--save-every", type=int, default=0, metavar="STEPS",
                      help="also save the model every STEPS steps, to look at it while it trains (default: at the end)")
 

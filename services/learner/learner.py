@@ -39,11 +39,11 @@ from peft import set_peft_model_state_dict
 
 from common import wire
 from common.config import Config
-from common.denoising import PromptEmbeds, guided_velocity, sigma_schedule
+from common.denoising import PromptEmbeds, recompute_step, sigma_schedule
 from common.grpo import clipped_policy_loss
 from common.lora import LoraWeights, adapter_disabled, attach_lora, export_lora, lora_state_dict
 from common.models import Precision, load_pipeline, resolve_device
-from common.sde import kl_to_reference, sde_step_with_logprob
+from common.sde import kl_to_reference
 from services.learner import state as learner_state
 from services.learner.ema import LoraEma
 
@@ -271,11 +271,8 @@ class Learner:
         """The SDE step j of `latents` [B, T+1, ...] under the current model, with the
         log-prob of the stored x_{j+1}."""
         s = self.config.sample
-        dtype = self.transformer.dtype
-        x, x_next = latents[:, j].to(dtype), latents[:, j + 1].to(dtype)
-        v = guided_velocity(self.transformer, x, self.timesteps[j], cond, self.negative.expand(len(x)),
-                            s.guidance_scale, detach_uncond=detach_uncond)
-        return sde_step_with_logprob(v, x, self.sigmas, j, s.noise_level, prev_sample=x_next)
+        return recompute_step(self.transformer, latents, j, self.timesteps, self.sigmas, cond,
+                              self.negative.expand(len(latents)), s.guidance_scale, s.noise_level, detach_uncond)
 
     def _accumulate(self, latents, old_log_probs, adv, cond: PromptEmbeds, importance: torch.Tensor | None,
                     steps: list[int], weight: float) -> dict[str, torch.Tensor]:

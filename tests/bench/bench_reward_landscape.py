@@ -9,8 +9,8 @@ more than the update's noise costs. This measures both for one prompt, on the co
 model with a fresh LoRA (the state of iteration 0):
 
   1. `images` SDE rollouts (sample.noise_level; with --window [a, b) only those steps
-     are SDE steps, the rest ODE, as sample.sde_window_size does), rewards standardised
-     into advantages A over the batch, and the on-policy gradient of the paper's
+     are SDE steps, the rest ODE, as sample.sde_window_size does), rewards made advantages
+     A as one group (common.grpo.group_advantages), and the on-policy gradient of the paper's
      objective at ratio 1 without KL, g = -mean_i A_i sum_j grad log p(x_j+1 | x_j),
      over the LoRA parameters; computed on the two halves of the batch too.
   2. cos(g_half1, g_half2): the gradient's signal-to-noise at half the batch (0: all
@@ -33,11 +33,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common.config import load_config  # noqa: E402
-from common.denoising import encode_prompts, guided_velocity, sigma_schedule  # noqa: E402
+from common.denoising import encode_prompts, recompute_step, sigma_schedule  # noqa: E402
+from common.grpo import group_advantages  # noqa: E402
 from common.lora import attach_lora  # noqa: E402
 from common.models import Precision, load_pipeline, resolve_device  # noqa: E402
 from common.prompts import load_prompts  # noqa: E402
-from common.sde import sde_step_with_logprob  # noqa: E402
 from services.controller.preflight import REPO_ROOT  # noqa: E402
 from services.reward.scorers import build_scorer  # noqa: E402
 from services.rollout.sampler import initial_noise, sample_sde  # noqa: E402
@@ -50,6 +50,7 @@ class Probe:
         self.config, self.prompt, self.window = config, prompt, window
         device = resolve_device(config.model.device)
         self.pipe = load_pipeline(config.model.path, Precision.resolve(config.model.precision, device), device)
+        torch.manual_seed(config.run.seed)  # the Gaussian LoRA init draws from torch's global RNG, as the learner's
         self.params = attach_lora(self.pipe.transformer, config.lora)
         records = load_prompts(REPO_ROOT / config.prompts.train, config.prompts.format)
         match = [r for r in records if r.prompt == prompt]
@@ -81,15 +82,12 @@ class Probe:
         for p in self.params:
             p.grad = None
         steps = range(len(self.timesteps)) if self.window is None else range(*self.window)
-        total = len(advantages)
+        total, s = len(advantages), self.config.sample
         for k, chunk in enumerate(chunks):
             a = advantages[k * CHUNK:(k + 1) * CHUNK]
             for j in steps:
-                x, x_next = chunk.latents[:, j], chunk.latents[:, j + 1]
-                v = guided_velocity(self.pipe.transformer, x, self.timesteps[j], self.cond, self.uncond,
-                                    self.config.sample.guidance_scale)
-                log_prob = sde_step_with_logprob(v, x, self.sigmas, j, self.config.sample.noise_level,
-                                                 prev_sample=x_next).log_prob
+                log_prob = recompute_step(self.pipe.transformer, chunk.latents, j, self.timesteps, self.sigmas,
+                                          self.cond, self.uncond, s.guidance_scale, s.noise_level).log_prob
                 (-(a * log_prob).sum() / total).backward()
         return torch.cat([p.grad.flatten() for p in self.params])
 
@@ -107,7 +105,8 @@ def measure(probe: Probe, reward: str, images: int, steps: list[float]) -> None:
     started = time.perf_counter()
     chunks = probe.rollouts(1, images)
     r = probe.rewards(scorer, chunks)
-    advantages = torch.tensor((r - r.mean()) / (r.std() + 1e-4), dtype=torch.float32)
+    advantages = torch.tensor(group_advantages(r, np.zeros(len(r)), clip=np.inf).advantages,
+                              dtype=torch.float32)  # one group, unclipped: the exact policy gradient
     half = len(chunks) // 2
     first = probe.gradient(chunks[:half], advantages[:half * CHUNK])
     second = probe.gradient(chunks[half:], advantages[half * CHUNK:])
