@@ -3,18 +3,33 @@ the SD3.5 classes taught the toy world's scenes (common.toy_world) with SD3's
 flow-matching objective, on the CPU, so that Flow-GRPO has a prompt-following but
 imperfect base model to improve.
 
+How it is imperfect: its captions. A tag's MISCAPTION_RATE of the scenes it learns from
+misdescribe their caption in that tag's way (common.toy_world.miscaptioned: another
+count, relation or colour, colours swapped), as web captions misstate the number,
+places and colours of what a picture shows far more often than what it shows. The
+model learns to draw every class cleanly and to follow counts, positions and colour
+binding only as often as its captions did: errors of choice, between scenes it can
+draw, which is what Flow-GRPO's reward can correct (a model that could not draw what
+a prompt asks would leave RL nothing to reinforce).
+
+What it sees: scenes of every prompt of the world, test split included, as SD3.5's
+pretraining saw the words and compositions of GenEval's prompts. The split is RL's:
+Flow-GRPO trains on the training prompts and is evaluated on test prompts it never
+trained on (a model that had never seen "three blocks" drew bars for it, so the test
+split measured what pretraining missed, not what RL did).
+
 The pipeline
   - text encoders: the tiny ones of common.models (two CLIP with projection and a T5),
     random and frozen; tokenizers in which each toy word is one token. CLIP's learned absolute position
     embeddings tell the transformer which word came where (colour binding, left/right).
   - transformer: SD3Transformer2DModel, 4 layers of 4 heads x 32, dual attention in the
-    first and RMS qk-norm (SD3.5's), patch 1 on an 8 x 8 latent: 64 image tokens, one a
-    cell of the world.
-  - VAE: AutoencoderKL with four blocks (factor 8: 64 px images from 8 x 8 latents)
+    first and RMS qk-norm (SD3.5's), patch 2 on a 16 x 16 latent: 64 image tokens, one a
+    cell of the world, each drawing its object's 2 x 2 sub-cell pattern alone.
+  - VAE: AutoencoderKL with four blocks (factor 8: 128 px images from 16 x 16 latents)
     whose decoder is the per-pixel latent-to-colour map of common.models, with a gain
     that makes saturated colours reachable, and a scaling_factor that gives the scenes'
-    latents unit variance. A scene's latent puts at each cell the
-    latent that decodes to that cell's colour (`palette_latents`, solved once by Newton
+    latents unit variance. A scene's latent puts at each sub-cell the
+    latent that decodes to that sub-cell's colour (`palette_latents`, solved once by Newton
     steps on the real decoder), so rendered scenes are exactly decodable latents.
 
 The objective (SD3, rectified flow): x_t = (1 - t) x_0 + t e with e ~ N(0, I) and
@@ -45,7 +60,8 @@ import torch
 from common.denoising import encode_prompts
 from common.models import TinyPreset
 from common.prompts import GENEVAL_TAGS
-from common.toy_world import BACKGROUND, GRID, PALETTE, all_prompts, cell_colors, sample_scene, split_prompts
+from common.toy_world import (BACKGROUND, GRID, LATENT, MISCAPTION_RATE, PALETTE, SUB, all_prompts, cell_colors,
+                              miscaptioned, sample_scene)
 
 MARKER = "flowgrpo_toy.json"
 LATENT_CHANNELS = 16
@@ -136,7 +152,7 @@ def build_toy_pipeline(seed: int = 0):
     text_dim = 2 * TEXT_PRESET.clip_hidden
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
-        sample_size=GRID, patch_size=1, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        sample_size=LATENT, patch_size=SUB, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
         num_layers=4, attention_head_dim=32, num_attention_heads=4, joint_attention_dim=text_dim,
         caption_projection_dim=128, pooled_projection_dim=text_dim, pos_embed_max_size=GRID,
         dual_attention_layers=(0,), qk_norm="rms_norm")
@@ -192,33 +208,38 @@ def _scene_latent_std(vae, n: int = 512) -> torch.Tensor:
 
 
 def scene_latents(scenes, palette: torch.Tensor) -> torch.Tensor:
-    """[B, C, GRID, GRID] latents of scenes (lists of ToyObject)."""
+    """[B, C, LATENT, LATENT] latents of scenes (lists of ToyObject)."""
     index = torch.from_numpy(np.stack([cell_colors(s) for s in scenes]))
     return palette[index].permute(0, 3, 1, 2).contiguous()
 
 
 class SceneSampler:
     """Training batches: a tag uniformly, a training prompt of it uniformly, a random
-    scene of it; a caption left empty with probability `empty`."""
+    scene of it, or with the tag's MISCAPTION_RATE a scene it misdescribes
+    (common.toy_world.miscaptioned); a caption left empty with probability `empty`."""
 
-    def __init__(self, records: list[dict], seed: int, empty: float):
+    def __init__(self, records: list[dict], seed: int, empty: float, miscaption: bool = True):
         self.by_tag = [[r for r in records if r["tag"] == tag] for tag in GENEVAL_TAGS]
         self.by_tag = [group for group in self.by_tag if group]
         self.rng = np.random.default_rng(seed)
         self.empty = empty
+        self.miscaption = miscaption
 
     def batch(self, n: int) -> tuple[list, list[str]]:
         scenes, captions = [], []
         for _ in range(n):
             group = self.by_tag[int(self.rng.integers(len(self.by_tag)))]
             record = group[int(self.rng.integers(len(group)))]
-            scenes.append(sample_scene(record, self.rng))
+            drawn = record
+            if self.miscaption and self.rng.random() < MISCAPTION_RATE[record["tag"]]:
+                drawn = miscaptioned(record, self.rng)
+            scenes.append(sample_scene(drawn, self.rng))
             captions.append("" if self.rng.random() < self.empty else record["prompt"])
         return scenes, captions
 
 
 def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), progress: bool = True) -> dict:
-    """Train the toy pipeline on the training split's scenes and save it to `out_dir`
+    """Train the toy pipeline on scenes of every prompt of the world and save it to `out_dir`
     (a diffusers pipeline folder, with MARKER recording how); returns that record."""
     from tqdm import tqdm
 
@@ -226,8 +247,8 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
     torch.manual_seed(config.seed)
     pipe = build_toy_pipeline(config.seed)
     palette = palette_latents(pipe.vae)
-    train_records, _ = split_prompts()
-    captions = sorted({r["prompt"] for r in train_records}) + [""]
+    records = all_prompts()
+    captions = sorted({r["prompt"] for r in records}) + [""]
     embeds = encode_prompts(pipe, captions, MAX_SEQUENCE_LENGTH)
     row = {c: i for i, c in enumerate(captions)}
 
@@ -244,7 +265,7 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    sampler = SceneSampler(train_records, config.seed, config.empty_prompt_fraction)
+    sampler = SceneSampler(records, config.seed, config.empty_prompt_fraction)
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     bar = tqdm(range(config.steps), desc="pretrain-toy", disable=not progress, mininterval=2.0)

@@ -1,22 +1,25 @@
-"""The toy world: scenes of coloured rectangles that a tiny model can learn on a CPU,
-with GenEval's prompts and metadata, so that Flow-GRPO's GenEval effect can be seen
-without a GPU.
+"""The toy world: scenes of coloured shapes that a tiny model can learn on a CPU, with
+GenEval's prompts and metadata, so that Flow-GRPO's GenEval effect can be seen without
+a GPU.
 
 Why these objects
-    A tiny SD3-architecture transformer trained for minutes draws compact, correctly
-    coloured blobs but no crisp geometry: circles, squares and triangles come out alike
-    (shared/notes/toy-world-probe.md), and objects several latent pixels across come out
-    ragged. So the world is drawn in whole cells, one cell a latent pixel and one
-    transformer token (patch size 1), and its four classes differ in what such a model
-    can draw, size and elongation, which a detector reads from a blob's box:
+    A tiny SD3-architecture transformer trained for minutes draws the right colours in
+    the right places but not shapes that span several tokens: circles, squares and
+    triangles come out as alike blobs (shared/notes/toy-world-probe.md), and objects of
+    several tokens come out ragged, a 2 x 2 block as a staircase and two blocks as one
+    blob (measured on the first version of this world). So every object is ONE
+    transformer token: the scene is a GRID x GRID grid of cells, each cell one token of
+    SUB x SUB latent pixels (patch size SUB), and a class is the pattern it fills in its
+    cell, which one token draws alone:
 
-        dot    1 x 1 cell        block  2 x 2 cells
-        bar    wide,  3 x 1 or 4 x 1 cells
-        pole   tall,  the bar turned upright
+        dot    the top-left sub-cell           block  all four sub-cells
+        bar    the top row (wide)              pole   the left column (tall)
 
-    The scene is laid out on the GRID x GRID latent grid and drawn at `resolution`
-    pixels with resolution / GRID pixels a cell, so every scene is exactly what the toy
-    VAE decodes from a latent (common.toy_pretrain).
+    What a scene asks of the model across tokens, how many cells hold objects, which
+    ones and in which colour, is what GenEval tests (counting, position, colour
+    binding). The scene is drawn at `resolution` pixels, resolution / (GRID x SUB)
+    pixels a sub-cell, exactly what the toy VAE decodes from a latent
+    (common.toy_pretrain).
 
 Prompts and metadata are GenEval's (common.prompts.geneval_prompt, the six tags):
 single_object "a photo of a bar", two_object "a photo of a dot and a pole", counting
@@ -41,7 +44,9 @@ import numpy as np
 
 from common.prompts import GENEVAL_RELATIONS, GENEVAL_TAGS, geneval_prompt
 
-GRID = 8                       # cells per side: the latent size (64 px images, VAE factor 8)
+GRID = 8                       # cells per side: one cell an object's place and one transformer token
+SUB = 2                        # sub-cells (latent pixels) per cell side: the transformer's patch size
+LATENT = GRID * SUB            # latent pixels per side (64 px images through the toy VAE's factor 4)
 GAP = 1                        # free cells between any two objects
 CLASSES = ("dot", "block", "bar", "pole")
 # GenEval colour names and the RGB each is drawn in; the background is a plain mid grey.
@@ -49,32 +54,26 @@ PALETTE = {"red": (220, 40, 40), "yellow": (235, 210, 40), "green": (40, 170, 60
 BACKGROUND = (128, 128, 128)
 COUNTS = (2, 3, 4)             # GenEval's counting tag
 TEST_PER_TAG = 16
+# Each class's sub-cells in its cell, [row][column] (module doc).
+PATTERNS = {"dot": ((1, 0), (0, 0)), "block": ((1, 1), (1, 1)), "bar": ((1, 1), (0, 0)), "pole": ((1, 0), (1, 0))}
 _NUMBERS = ("zero", "one", "two", "three", "four")
 
 
 @dataclass(frozen=True)
 class ToyObject:
-    """One rectangle on the cell grid: (x, y) its top-left cell, (w, h) its size in cells."""
+    """One object: its class, colour and cell (x, y), column and row on the GRID."""
     name: str
     color: str
     x: int
     y: int
-    w: int
-    h: int
 
-    def box(self, cell: float = 1.0) -> tuple[float, float, float, float]:
-        """(x0, y0, x1, y1), x1/y1 exclusive, in units of `cell`."""
-        return self.x * cell, self.y * cell, (self.x + self.w) * cell, (self.y + self.h) * cell
-
-
-def object_size(name: str, rng: np.random.Generator) -> tuple[int, int]:
-    """(w, h) in cells of an object of class `name` (module doc)."""
-    if name == "dot":
-        return 1, 1
-    if name == "block":
-        return 2, 2
-    length = int(rng.integers(3, 5))
-    return (length, 1) if name == "bar" else (1, length)
+    def box(self, sub: float = 1.0) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) of the sub-cells its pattern fills, x1/y1 exclusive, in units
+        of `sub` (a sub-cell's size)."""
+        rows, cols = np.nonzero(np.array(PATTERNS[self.name]))
+        x0, y0 = self.x * SUB, self.y * SUB
+        return ((x0 + cols.min()) * sub, (y0 + rows.min()) * sub,
+                (x0 + cols.max() + 1) * sub, (y0 + rows.max() + 1) * sub)
 
 
 # ---------------------------------------------------------------- prompts
@@ -132,29 +131,65 @@ def write_splits(directory: str | Path, seed: int = 0) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+# ---------------------------------------------------------------- miscaptions
+
+# How often a pretraining caption misdescribes its scene, per tag (common.toy_pretrain).
+# Web captions, which models like SD3.5 learn from, name the objects in a picture far
+# more reliably than their number, places or which colour is whose; these rates make
+# the toy model learn the same unevenness: it draws what it is asked for, cleanly, and
+# gets counts, positions and colour binding right only part of the time (each rate
+# leaves the true reading the most frequent one, so the caption still carries it).
+MISCAPTION_RATE = {"single_object": 0.2, "two_object": 0.5, "counting": 0.7,
+                   "colors": 0.6, "position": 0.7, "color_attr": 0.45}
+
+
+def miscaptioned(metadata: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """Metadata of a scene this caption misdescribes, in the tag's typical way:
+    single_object another class; two_object the second object another class; counting
+    another count (1..4); colors another colour; position another relation; color_attr
+    the two colours swapped."""
+    tag = metadata["tag"]
+    include = [dict(clause) for clause in metadata["include"]]
+
+    def other(options: Sequence, current):
+        choices = [o for o in options if o != current]
+        return choices[int(rng.integers(len(choices)))]
+
+    if tag in ("single_object", "two_object"):
+        include[-1]["class"] = other(CLASSES, include[-1]["class"])
+    elif tag == "counting":
+        include[0]["count"] = other(range(1, max(COUNTS) + 1), include[0]["count"])
+    elif tag == "colors":
+        include[0]["color"] = other(list(PALETTE), include[0]["color"])
+    elif tag == "position":
+        include[1]["position"] = [other(GENEVAL_RELATIONS, include[1]["position"][0]), 0]
+    elif tag == "color_attr":
+        include[0]["color"], include[1]["color"] = include[1]["color"], include[0]["color"]
+    else:
+        raise ValueError(f"unknown tag {tag!r}; one of {', '.join(GENEVAL_TAGS)}")
+    return {"tag": tag, "include": include}
+
+
 # ---------------------------------------------------------------- scenes
 
 def _separate(a: ToyObject, b: ToyObject) -> bool:
-    """At least GAP free cells between the two boxes, along x or along y."""
-    return (a.x + a.w + GAP <= b.x or b.x + b.w + GAP <= a.x or
-            a.y + a.h + GAP <= b.y or b.y + b.h + GAP <= a.y)
+    """At least GAP free cells between the two objects, along x or along y."""
+    return abs(a.x - b.x) > GAP or abs(a.y - b.y) > GAP
 
 
 def _holds(target: ToyObject, reference: ToyObject, relation: str) -> bool:
-    """A sufficient condition for GenEval's relation (geneval_rules.relative_position):
-    the boxes separated along the relation's axis and the centre offset at least as long
-    along it as across. Then the revised offset along the axis is at least 0.8 of the
-    offset, and 0.8 |o_axis| > 0.5 |o| holds whenever |o_across| <= |o_axis|."""
-    ox = (target.x + target.w / 2) - (reference.x + reference.w / 2)
-    oy = (target.y + target.h / 2) - (reference.y + reference.h / 2)
+    """A sufficient condition for GenEval's relation (geneval_rules.relative_position)
+    whatever the two classes: the cells at least two apart along the relation's axis,
+    and at most half as far apart across it."""
+    ox, oy = target.x - reference.x, target.y - reference.y
     if relation == "left of":
-        return target.x + target.w <= reference.x and abs(oy) <= -ox
+        return ox <= -2 and 2 * abs(oy) <= -ox
     if relation == "right of":
-        return reference.x + reference.w <= target.x and abs(oy) <= ox
+        return ox >= 2 and 2 * abs(oy) <= ox
     if relation == "above":
-        return target.y + target.h <= reference.y and abs(ox) <= -oy
+        return oy <= -2 and 2 * abs(ox) <= -oy
     if relation == "below":
-        return reference.y + reference.h <= target.y and abs(ox) <= oy
+        return oy >= 2 and 2 * abs(ox) <= oy
     raise ValueError(f"unknown relation {relation!r}; one of {', '.join(GENEVAL_RELATIONS)}")
 
 
@@ -170,11 +205,9 @@ def sample_scene(metadata: Mapping[str, Any], rng: np.random.Generator, tries: i
         for clause in metadata["include"]:
             group = []
             for _ in range(clause["count"]):
-                w, h = object_size(clause["class"], rng)
                 color = clause.get("color") or colors[int(rng.integers(len(colors)))]
                 for _ in range(50):
-                    obj = ToyObject(clause["class"], color, int(rng.integers(0, GRID - w + 1)),
-                                    int(rng.integers(0, GRID - h + 1)), w, h)
+                    obj = ToyObject(clause["class"], color, int(rng.integers(GRID)), int(rng.integers(GRID)))
                     fits = all(_separate(obj, other) for other in placed)
                     if fits and "position" in clause:
                         relation, index = clause["position"]
@@ -195,21 +228,21 @@ def sample_scene(metadata: Mapping[str, Any], rng: np.random.Generator, tries: i
 
 
 def render(objects: Sequence[ToyObject], resolution: int = 64) -> np.ndarray:
-    """The scene as uint8 RGB [resolution, resolution, 3], resolution / GRID pixels a cell."""
-    cells = np.empty((GRID, GRID, 3), dtype=np.uint8)
-    cells[:] = BACKGROUND
-    for obj in objects:
-        cells[obj.y:obj.y + obj.h, obj.x:obj.x + obj.w] = PALETTE[obj.color]
-    scale = resolution // GRID
-    if scale * GRID != resolution:
-        raise ValueError(f"resolution {resolution} must be a multiple of {GRID} (the cell grid)")
-    return cells.repeat(scale, axis=0).repeat(scale, axis=1)
+    """The scene as uint8 RGB [resolution, resolution, 3], resolution / LATENT pixels a
+    sub-cell."""
+    scale = resolution // LATENT
+    if scale * LATENT != resolution:
+        raise ValueError(f"resolution {resolution} must be a multiple of {LATENT} (the sub-cell grid)")
+    colors = np.array([BACKGROUND, *PALETTE.values()], dtype=np.uint8)
+    return colors[cell_colors(objects)].repeat(scale, axis=0).repeat(scale, axis=1)
 
 
 def cell_colors(objects: Sequence[ToyObject]) -> np.ndarray:
-    """[GRID, GRID] index per cell: 0 the background, 1 + i the i-th PALETTE colour."""
-    index = np.zeros((GRID, GRID), dtype=np.int64)
+    """[LATENT, LATENT] colour index per sub-cell: 0 the background, 1 + i the i-th
+    PALETTE colour."""
+    index = np.zeros((LATENT, LATENT), dtype=np.int64)
     names = list(PALETTE)
     for obj in objects:
-        index[obj.y:obj.y + obj.h, obj.x:obj.x + obj.w] = 1 + names.index(obj.color)
+        cell = index[obj.y * SUB:(obj.y + 1) * SUB, obj.x * SUB:(obj.x + 1) * SUB]
+        cell[np.array(PATTERNS[obj.name], dtype=bool)] = 1 + names.index(obj.color)
     return index

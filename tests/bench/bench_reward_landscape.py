@@ -18,6 +18,10 @@ model with a fresh LoRA (the state of iteration 0):
   3. E[R] at LoRA = step x g / |g| for each of --steps, every point from the same fixed
      rollout noise (common random numbers: the differences are the policy's, not the
      draw's). The gain at the best step bounds what one update can buy.
+  4. The same for the evaluation sampler (ODE, sample.eval_steps, from fixed initial
+     noise): whether what the update buys under the rollouts' SDE carries over to the
+     images evaluation scores (an SDE with strong early noise can teach a policy to undo
+     that noise, which the ODE does not add).
 
 Not part of the test suite: measured, never asserted.
 """
@@ -40,7 +44,7 @@ from common.models import Precision, load_pipeline, resolve_device  # noqa: E402
 from common.prompts import load_prompts  # noqa: E402
 from services.controller.preflight import REPO_ROOT  # noqa: E402
 from services.reward.scorers import build_scorer  # noqa: E402
-from services.rollout.sampler import initial_noise, sample_sde  # noqa: E402
+from services.rollout.sampler import initial_noise, sample_ode, sample_sde  # noqa: E402
 
 CHUNK = 64  # images a forward
 
@@ -61,6 +65,7 @@ class Probe:
         self.cond = encode_prompts(self.pipe, [prompt] * CHUNK, length)
         self.uncond = encode_prompts(self.pipe, [config.sample.negative_prompt], length).expand(CHUNK)
         self.timesteps, self.sigmas = sigma_schedule(self.pipe.scheduler, config.sample.train_steps, device)
+        self.eval_schedule = sigma_schedule(self.pipe.scheduler, config.sample.eval_steps, device)
         self.device = device
 
     def rollouts(self, seed: int, images: int):
@@ -72,9 +77,17 @@ class Probe:
                            generator=generator, window=self.window)
                 for _ in range(images // CHUNK)]
 
-    def rewards(self, scorer, chunks) -> np.ndarray:
-        out = [scorer.score(c.images, [self.prompt] * len(c.images), [self.metadata] * len(c.images)).scores
-               for c in chunks]
+    def ode_images(self, seed: int, images: int) -> list[np.ndarray]:
+        generator = torch.Generator(self.device).manual_seed(seed)
+        s = self.config.sample
+        return [sample_ode(self.pipe, self.cond, self.uncond, *self.eval_schedule,
+                           initial_noise(self.pipe, CHUNK, s.resolution, generator), guidance_scale=s.guidance_scale)
+                for _ in range(images // CHUNK)]
+
+    def rewards(self, scorer, batches) -> np.ndarray:
+        """Rewards of SDE rollouts or of ODE image arrays, in order."""
+        out = [scorer.score(images, [self.prompt] * len(images), [self.metadata] * len(images)).scores
+               for images in (getattr(b, "images", b) for b in batches)]
         return np.concatenate(out)
 
     def gradient(self, chunks, advantages: torch.Tensor) -> torch.Tensor:
@@ -113,15 +126,19 @@ def measure(probe: Probe, reward: str, images: int, steps: list[float]) -> None:
     g = (first + second) / 2  # each half's mean gradient; the whole batch's is their average
     cos = torch.nn.functional.cosine_similarity(first, second, dim=0).item()
     direction = -g / g.norm()  # ascent: the loss is -A log p
-    gains = []
+    sde, ode = [], []
     for step in [0.0, *steps]:
         probe.set_lora(base + step * direction)
-        gains.append(probe.rewards(scorer, probe.rollouts(2, images)).mean())
+        sde.append(probe.rewards(scorer, probe.rollouts(2, images)).mean())
+        ode.append(probe.rewards(scorer, probe.ode_images(3, images)).mean())
     probe.set_lora(base)
-    points = "  ".join(f"{step:+g}: {value - gains[0]:+.3f}" for step, value in zip(steps, gains[1:]))
+
+    def points(values):
+        return "  ".join(f"{step:+g}: {value - values[0]:+.3f}" for step, value in zip(steps, values[1:]))
     print(f"{reward:>12}: batch mean {r.mean():.3f}, within-batch std {r.std():.3f}; "
-          f"cos(half, half) {cos:.2f}; E[R] {gains[0]:.3f}, change at step norm {points}; "
-          f"{time.perf_counter() - started:.0f} s", flush=True)
+          f"cos(half, half) {cos:.2f}; {time.perf_counter() - started:.0f} s\n"
+          f"{'':>14}SDE E[R] {sde[0]:.3f}, change at step norm {points(sde)}\n"
+          f"{'':>14}ODE E[R] {ode[0]:.3f}, change at step norm {points(ode)}", flush=True)
 
 
 def main() -> None:

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from common.prompts import GENEVAL_TAGS, load_prompts
-from common.toy_world import (CLASSES, GRID, PALETTE, ToyObject, all_prompts, render, sample_scene,
-                              split_prompts)
+from common.toy_world import (CLASSES, GRID, LATENT, PALETTE, ToyObject, all_prompts, miscaptioned, render,
+                              sample_scene, split_prompts)
 from services.reward.geneval_rules import check_metadata, evaluate, keep, objects_needing_color
-from services.reward.toy_detector import ToyDetector, classify_shape
+from services.reward.toy_detector import ToyDetector, classify_pattern
 
 REPO = Path(__file__).resolve().parents[2]
 DETECTOR = ToyDetector()
@@ -51,7 +51,7 @@ def test_scenes_hold_their_prompt(seed):
         objects = sample_scene(metadata, rng)
         assert len(objects) == sum(c["count"] for c in metadata["include"])
         for obj in objects:
-            assert 0 <= obj.x and obj.x + obj.w <= GRID and 0 <= obj.y and obj.y + obj.h <= GRID
+            assert 0 <= obj.x < GRID and 0 <= obj.y < GRID
         for clause in metadata["include"]:
             mine = [o for o in objects if o.name == clause["class"]]
             assert len(mine) == clause["count"]
@@ -70,49 +70,74 @@ def test_detector_reads_held_out_rendered_scenes_exactly():
     assert {tag: float(np.mean(v)) for tag, v in accuracy.items()} == {tag: 1.0 for tag in GENEVAL_TAGS}
 
 
+def test_miscaptioned_scenes_fail_their_caption():
+    """A miscaption changes what the rules check, in its tag's way: the scene drawn for it
+    fails the true caption, except a position whose new relation happens to hold too
+    (GenEval reads a diagonal offset as both, e.g. left of and above)."""
+    rng = np.random.default_rng(3)
+    failed = {tag: [] for tag in GENEVAL_TAGS}
+    for metadata in all_prompts():
+        wrong = miscaptioned(metadata, rng)
+        assert wrong["tag"] == metadata["tag"] and wrong["include"] != metadata["include"]
+        result, _ = verdicts(render(sample_scene(wrong, rng)), metadata)
+        failed[metadata["tag"]].append(not result.correct)
+    rates = {tag: float(np.mean(v)) for tag, v in failed.items()}
+    assert rates.pop("position") > 0.8
+    assert rates == {tag: 1.0 for tag in GENEVAL_TAGS if tag != "position"}
+
+
 def test_detector_boxes_colours_and_classes():
-    objects = [ToyObject("bar", "red", 1, 0, 4, 1), ToyObject("pole", "blue", 6, 2, 1, 4),
-               ToyObject("dot", "green", 0, 6, 1, 1), ToyObject("block", "yellow", 3, 4, 2, 2)]
-    found = DETECTOR.detect([render(objects, 64)])[0]
+    objects = [ToyObject("bar", "red", 1, 0), ToyObject("pole", "blue", 6, 2),
+               ToyObject("dot", "green", 0, 6), ToyObject("block", "yellow", 3, 4)]
+    found = DETECTOR.detect([render(objects, 128)])[0]
     assert sorted(found) == sorted(CLASSES)
-    bar = found["bar"][0]
-    assert bar.box == (8.0, 0.0, 40.0, 8.0) and bar.color == "red" and bar.score == 1.0
-    assert bar.mask.shape == (64, 64) and bar.mask.sum() == 4 * 1 * 64
-    assert found["pole"][0].color == "blue" and found["dot"][0].color == "green"
-    assert found["block"][0].box == (24.0, 32.0, 40.0, 48.0)
+    bar = found["bar"][0]                     # the top row of cell (1, 0): sub-cells 8 px
+    assert bar.box == (16.0, 0.0, 32.0, 8.0) and bar.color == "red" and bar.score == 1.0
+    assert bar.mask.shape == (128, 128) and bar.mask.sum() == 2 * 8 * 8
+    assert found["pole"][0].box == (96.0, 32.0, 104.0, 48.0) and found["pole"][0].color == "blue"
+    assert found["dot"][0].box == (0.0, 96.0, 8.0, 104.0) and found["dot"][0].color == "green"
+    assert found["block"][0].box == (48.0, 64.0, 64.0, 80.0)
+    assert [o.box(8) for o in objects] == [found[o.name][0].box for o in objects]
 
 
-def test_blob_shapes_keep_their_class():
-    """What the tiny model draws: whole objects, and some a cell short or long."""
-    assert classify_shape(3, 1) == "bar" and classify_shape(1, 4) == "pole" and classify_shape(4, 2) == "bar"
-    assert classify_shape(2, 2) == "block" and classify_shape(2, 1) == "block" and classify_shape(3, 2) == "block"
-    assert classify_shape(1, 1) == "dot"
-    cells = np.full((GRID, GRID, 3), 128, dtype=np.uint8)
-    cells[3:5, 3:5] = PALETTE["blue"]
-    cells[4, 4] = 128                     # a block with a corner missing
+def test_a_cell_is_classed_by_the_shape_of_its_sub_cells():
+    """What the tiny model draws: the world's patterns anywhere in the cell, a block
+    with a corner missing; two diagonal sub-cells are no shape."""
+    def pattern(*rows):
+        return np.array(rows, dtype=bool)
+    assert classify_pattern(pattern((0, 0), (0, 1))) == "dot"
+    assert classify_pattern(pattern((0, 0), (1, 1))) == "bar" and classify_pattern(pattern((0, 1), (0, 1))) == "pole"
+    assert classify_pattern(pattern((1, 1), (1, 0))) == "block" and classify_pattern(pattern((1, 1), (1, 1))) == "block"
+    assert classify_pattern(pattern((1, 0), (0, 1))) is None and classify_pattern(pattern((0, 0), (0, 0))) is None
+    cells = np.full((LATENT, LATENT, 3), 128, dtype=np.uint8)
+    cells[6:8, 6:8] = PALETTE["blue"]
+    cells[7, 7] = 128                     # a block with a corner missing
     found = DETECTOR.detect([cells.repeat(8, 0).repeat(8, 1)])[0]
     assert list(found) == ["block"] and found["block"][0].color == "blue"
 
 
 def test_wrong_images_fail_the_rules():
     red_dot = next(r for r in all_prompts() if r["prompt"] == "a photo of a red dot")
-    result, _ = verdicts(render([ToyObject("dot", "blue", 4, 4, 1, 1)]), red_dot)
+    result, _ = verdicts(render([ToyObject("dot", "blue", 4, 4)]), red_dot)
     assert not result.correct and result.score == 0.5
     two_blocks = next(r for r in all_prompts() if r["prompt"] == "a photo of two blocks")
-    three = [ToyObject("block", "red", x, 2, 2, 2) for x in (0, 3, 6)]
+    three = [ToyObject("block", "red", x, 2) for x in (0, 3, 6)]
     assert not verdicts(render(three), two_blocks)[0].correct
     assert verdicts(render(three[:2]), two_blocks)[0].correct
     left = next(r for r in all_prompts() if r["prompt"] == "a photo of a dot left of a pole")
-    scene = [ToyObject("pole", "red", 1, 2, 1, 4), ToyObject("dot", "green", 6, 3, 1, 1)]
+    scene = [ToyObject("pole", "red", 1, 2), ToyObject("dot", "green", 6, 3)]
     assert not verdicts(render(scene), left)[0].correct
 
 
-def test_a_stray_cell_is_a_dot_also_under_counting():
-    """Every component scores 1, above the counting tag's 0.9: a stray cell is one more dot."""
+def test_a_stray_sub_cell_is_a_dot_also_under_counting():
+    """Every object scores 1, above the counting tag's 0.9: a stray coloured sub-cell is
+    one more dot."""
     two_dots = next(r for r in all_prompts() if r["prompt"] == "a photo of two dots")
-    dots = [ToyObject("dot", "red", 1, 1, 1, 1), ToyObject("dot", "green", 5, 5, 1, 1)]
-    assert verdicts(render(dots), two_dots)[0].correct
-    assert not verdicts(render(dots + [ToyObject("dot", "blue", 1, 6, 1, 1)]), two_dots)[0].correct
+    dots = [ToyObject("dot", "red", 1, 1), ToyObject("dot", "green", 5, 5)]
+    image = render(dots)
+    assert verdicts(image, two_dots)[0].correct
+    image[60:64, 28:32] = PALETTE["blue"]         # one sub-cell of cell (3, 7)
+    assert not verdicts(image, two_dots)[0].correct
 
 
 def test_geneval_scorer_selects_the_toy_detector():
@@ -125,25 +150,29 @@ def test_geneval_scorer_selects_the_toy_detector():
     by_prompt = {r["prompt"]: r for r in all_prompts()}
     red_block = by_prompt["a photo of a red block and a blue bar"]
     right = render(sample_scene(red_block, np.random.default_rng(0)))
-    wrong = render([ToyObject("block", "blue", 0, 0, 2, 2), ToyObject("bar", "red", 3, 5, 4, 1)])
+    wrong = render([ToyObject("block", "blue", 0, 0), ToyObject("bar", "red", 3, 5)])
     out = scorer.score([right, wrong], [red_block["prompt"]] * 2, [red_block] * 2)
     assert out.scores[0] == 1.0 and out.scores[1] < 1.0
     assert out.details[0]["correct"] and not out.details[1]["correct"]
 
 
-def test_an_object_is_found_by_its_shape_and_coloured_by_most_of_its_cells():
-    """As GenEval's detector: one object per blob, whatever colours its cells have."""
-    image = render([ToyObject("bar", "yellow", 1, 1, 4, 1)])
-    image[8:16, 16:24] = PALETTE["green"]          # one cell of the bar drawn green
+def test_an_object_is_found_by_its_shape_and_coloured_by_most_of_its_sub_cells():
+    """As GenEval's detector: one object per shape, whatever colours its sub-cells have."""
+    image = render([ToyObject("block", "yellow", 1, 1)], 128)
+    image[16:24, 16:24] = PALETTE["green"]          # one sub-cell of the block drawn green
     found = DETECTOR.detect([image])[0]
-    assert list(found) == ["bar"] and len(found["bar"]) == 1 and found["bar"][0].color == "yellow"
+    assert list(found) == ["block"] and len(found["block"]) == 1 and found["block"][0].color == "yellow"
 
 
-def test_a_blob_larger_than_any_object_is_none():
-    """A wall of colour is no block: painting the image blue does not pass as one."""
-    one_block = next(r for r in all_prompts() if r["prompt"] == "a photo of a block")
-    wall = np.empty((64, 64, 3), dtype=np.uint8)
+def test_painting_the_image_scores_below_nothing():
+    """A wall of colour is a block in every cell: GenEval's accuracy passes it for "a
+    block" (at least one, as a photo of many dogs passes "a dog"), but the score the
+    policy trains on takes a point off for each extra object, and every count fails."""
+    by_prompt = {r["prompt"]: r for r in all_prompts()}
+    wall = np.empty((128, 128, 3), dtype=np.uint8)
     wall[:] = PALETTE["blue"]
-    assert DETECTOR.detect([wall])[0] == {}
-    assert verdicts(wall, one_block)[0].score == 0.0
-    assert DETECTOR.detect([render([ToyObject("block", "red", 2, 2, 3, 2)])])[0]["block"]   # 6 cells: still a block
+    assert len(DETECTOR.detect([wall])[0]["block"]) == GRID * GRID
+    result, _ = verdicts(wall, by_prompt["a photo of a block"])
+    assert result.correct and result.score < 0
+    assert not verdicts(wall, by_prompt["a photo of two bars"])[0].correct
+    assert not verdicts(wall, by_prompt["a photo of three blocks"])[0].correct
