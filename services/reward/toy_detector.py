@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from common.toy_world import BACKGROUND, GRID, LATENT, PALETTE, SUB
 from services.reward.geneval_rules import Detection

@@ -7,7 +7,7 @@ import pytest
 from common.prompts import GENEVAL_TAGS, load_prompts
 from common.toy_world import (CLASSES, GRID, LATENT, PALETTE, ToyObject, all_prompts, miscaptioned, render,
                               sample_scene, split_prompts)
-from services.reward.geneval_rules import check_metadata, evaluate, keep, objects_needing_color
+from services.reward.geneval_rules import check_metadata, evaluate, keep
 from services.reward.toy_detector import ToyDetector, classify_pattern
 
 REPO = Path(__file__).resolve().parents[2]
