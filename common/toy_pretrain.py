@@ -60,8 +60,8 @@ import torch
 from common.denoising import encode_prompts
 from common.models import TinyPreset
 from common.prompts import GENEVAL_TAGS
-from common.toy_world import (BACKGROUND, GRID, LATENT, MISCAPTION_RATE, PALETTE, SUB, all_prompts, cell_colors,
-                              miscaptioned, sample_scene)
+from common.toy_world import (BACKGROUND, GRID, LATENT, PALETTE, SUB, all_prompts, cell_colors,
+                              pretraining_scene_metadata, sample_scene)
 
 MARKER = "flowgrpo_toy.json"
 LATENT_CHANNELS = 16
@@ -216,24 +216,20 @@ def scene_latents(scenes, palette: torch.Tensor) -> torch.Tensor:
 class SceneSampler:
     """Training batches: a tag uniformly, a training prompt of it uniformly, a random
     scene of it, or with the tag's MISCAPTION_RATE a scene it misdescribes
-    (common.toy_world.miscaptioned); a caption left empty with probability `empty`."""
+    (common.toy_world.pretraining_scene_metadata); a caption left empty with probability `empty`."""
 
-    def __init__(self, records: list[dict], seed: int, empty: float, miscaption: bool = True):
+    def __init__(self, records: list[dict], seed: int, empty: float):
         self.by_tag = [[r for r in records if r["tag"] == tag] for tag in GENEVAL_TAGS]
         self.by_tag = [group for group in self.by_tag if group]
         self.rng = np.random.default_rng(seed)
         self.empty = empty
-        self.miscaption = miscaption
 
     def batch(self, n: int) -> tuple[list, list[str]]:
         scenes, captions = [], []
         for _ in range(n):
             group = self.by_tag[int(self.rng.integers(len(self.by_tag)))]
             record = group[int(self.rng.integers(len(group)))]
-            drawn = record
-            if self.miscaption and self.rng.random() < MISCAPTION_RATE[record["tag"]]:
-                drawn = miscaptioned(record, self.rng)
-            scenes.append(sample_scene(drawn, self.rng))
+            scenes.append(sample_scene(pretraining_scene_metadata(record, self.rng), self.rng))
             captions.append("" if self.rng.random() < self.empty else record["prompt"])
         return scenes, captions
 

@@ -46,7 +46,7 @@ from common.prompts import GENEVAL_RELATIONS, GENEVAL_TAGS, geneval_prompt
 
 GRID = 8                       # cells per side: one cell an object's place and one transformer token
 SUB = 2                        # sub-cells (latent pixels) per cell side: the transformer's patch size
-LATENT = GRID * SUB            # latent pixels per side (64 px images through the toy VAE's factor 4)
+LATENT = GRID * SUB            # latent pixels per side (128 px images through the toy VAE's factor 8)
 GAP = 1                        # free cells between any two objects
 CLASSES = ("dot", "block", "bar", "pole")
 # GenEval colour names and the RGB each is drawn in; the background is a plain mid grey.
@@ -66,14 +66,6 @@ class ToyObject:
     color: str
     x: int
     y: int
-
-    def box(self, sub: float = 1.0) -> tuple[float, float, float, float]:
-        """(x0, y0, x1, y1) of the sub-cells its pattern fills, x1/y1 exclusive, in units
-        of `sub` (a sub-cell's size)."""
-        rows, cols = np.nonzero(np.array(PATTERNS[self.name]))
-        x0, y0 = self.x * SUB, self.y * SUB
-        return ((x0 + cols.min()) * sub, (y0 + rows.min()) * sub,
-                (x0 + cols.max() + 1) * sub, (y0 + rows.max() + 1) * sub)
 
 
 # ---------------------------------------------------------------- prompts
@@ -168,6 +160,14 @@ def miscaptioned(metadata: Mapping[str, Any], rng: np.random.Generator) -> dict[
     else:
         raise ValueError(f"unknown tag {tag!r}; one of {', '.join(GENEVAL_TAGS)}")
     return {"tag": tag, "include": include}
+
+
+def pretraining_scene_metadata(metadata: Mapping[str, Any], rng: np.random.Generator) -> Mapping[str, Any]:
+    """What pretraining draws for this caption: with its tag's MISCAPTION_RATE a scene
+    it misdescribes (`miscaptioned`), else its own."""
+    if rng.random() < MISCAPTION_RATE[metadata["tag"]]:
+        return miscaptioned(metadata, rng)
+    return metadata
 
 
 # ---------------------------------------------------------------- scenes

@@ -1,7 +1,7 @@
 """The GenEval detector for the toy world (common.toy_world), selected with
-`reward.geneval.detector: toy`: it finds the world's rectangles by colour segmentation
-and connected components, and hands the same rules (geneval_rules) the same Detection
-objects the Mask2Former adapter gives them.
+`reward.geneval.detector: toy`: it reads the world's objects cell by cell from colour
+segmentation, and hands the same rules (geneval_rules) the same Detection objects the
+Mask2Former adapter gives them.
 
 How an image is read
   1. Average-pool it to the LATENT x LATENT sub-cell grid (the toy VAE decodes one
@@ -38,7 +38,7 @@ def cell_labels(image: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
     if h % LATENT or w % LATENT:
         raise ValueError(f"toy detector: image {w}x{h} is not a multiple of the {LATENT}-sub-cell grid; "
-                         f"sample at a resolution that is a multiple of {LATENT} (the toy world's is 64)")
+                         f"sample at a resolution that is a multiple of {LATENT} (the toy config's is 128)")
     cells = image.astype(np.float64).reshape(LATENT, h // LATENT, LATENT, w // LATENT, 3).mean(axis=(1, 3))
     return np.argmin(((cells[:, :, None, :] - _COLORS) ** 2).sum(-1), axis=-1)
 
