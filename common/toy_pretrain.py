@@ -23,10 +23,11 @@ The pipeline
     random and frozen; tokenizers in which each toy word is one token. CLIP's learned absolute position
     embeddings tell the transformer which word came where (colour binding, left/right).
   - transformer: SD3Transformer2DModel, 4 layers of 4 heads x 32, dual attention in the
-    first and RMS qk-norm (SD3.5's), patch 2 on a 16 x 16 latent: 64 image tokens, one a
+    first and RMS qk-norm (SD3.5's), patch 2 on an 8 x 8 latent: 16 image tokens, one a
     cell of the world, each drawing its object's 2 x 2 sub-cell pattern alone.
-  - VAE: AutoencoderKL with four blocks (factor 8: 128 px images from 16 x 16 latents)
-    whose decoder is the per-pixel latent-to-colour map of common.models, with a gain
+  - VAE: AutoencoderKL with four blocks (factor 8: 64 px images from 8 x 8 latents) and
+    4 latent channels (SD3.5's has 16; fewer dimensions of exploration noise, module doc
+    of common.toy_world), whose decoder is the per-pixel latent-to-colour map of common.models, with a gain
     that makes saturated colours reachable, and a scaling_factor that gives the scenes'
     latents unit variance. A scene's latent puts at each sub-cell the
     latent that decodes to that sub-cell's colour (`palette_latents`, solved once by Newton
@@ -64,7 +65,7 @@ from common.toy_world import (BACKGROUND, GRID, LATENT, PALETTE, SUB, all_prompt
                               pretraining_scene_metadata, sample_scene)
 
 MARKER = "flowgrpo_toy.json"
-LATENT_CHANNELS = 16
+LATENT_CHANNELS = 4           # SD3.5's VAE has 16 (module doc)
 MAX_SEQUENCE_LENGTH = 16      # T5 tokens: the longest toy prompt takes 11 (one a word, and </s>)
 # The text side of the tiny pipeline (its transformer and VAE are replaced here): CLIP's
 # context of 16 tokens holds the longest toy prompt (12 with its start and end).

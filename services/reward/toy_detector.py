@@ -38,7 +38,7 @@ def cell_labels(image: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
     if h % LATENT or w % LATENT:
         raise ValueError(f"toy detector: image {w}x{h} is not a multiple of the {LATENT}-sub-cell grid; "
-                         f"sample at a resolution that is a multiple of {LATENT} (the toy config's is 128)")
+                         f"sample at a resolution that is a multiple of {LATENT} (the toy config's is 64)")
     cells = image.astype(np.float64).reshape(LATENT, h // LATENT, LATENT, w // LATENT, 3).mean(axis=(1, 3))
     return np.argmin(((cells[:, :, None, :] - _COLORS) ** 2).sum(-1), axis=-1)
 

@@ -101,16 +101,16 @@ def test_pretraining_keeps_the_true_reading_the_most_frequent():
 
 
 def test_detector_boxes_colours_and_classes():
-    objects = [ToyObject("bar", "red", 1, 0), ToyObject("pole", "blue", 6, 2),
-               ToyObject("dot", "green", 0, 6), ToyObject("block", "yellow", 3, 4)]
-    found = DETECTOR.detect([render(objects, 128)])[0]
+    objects = [ToyObject("bar", "red", 1, 0), ToyObject("pole", "blue", 3, 0),
+               ToyObject("dot", "green", 0, 3), ToyObject("block", "yellow", 2, 2)]
+    found = DETECTOR.detect([render(objects, 64)])[0]
     assert sorted(found) == sorted(CLASSES)
     bar = found["bar"][0]                     # the top row of cell (1, 0): sub-cells 8 px
     assert bar.box == (16.0, 0.0, 32.0, 8.0) and bar.color == "red" and bar.score == 1.0
-    assert bar.mask.shape == (128, 128) and bar.mask.sum() == 2 * 8 * 8
-    assert found["pole"][0].box == (96.0, 32.0, 104.0, 48.0) and found["pole"][0].color == "blue"
-    assert found["dot"][0].box == (0.0, 96.0, 8.0, 104.0) and found["dot"][0].color == "green"
-    assert found["block"][0].box == (48.0, 64.0, 64.0, 80.0)
+    assert bar.mask.shape == (64, 64) and bar.mask.sum() == 2 * 8 * 8
+    assert found["pole"][0].box == (48.0, 0.0, 56.0, 16.0) and found["pole"][0].color == "blue"
+    assert found["dot"][0].box == (0.0, 48.0, 8.0, 56.0) and found["dot"][0].color == "green"
+    assert found["block"][0].box == (32.0, 32.0, 48.0, 48.0)
 
 
 def test_a_cell_is_classed_by_the_shape_of_its_sub_cells():
@@ -131,14 +131,14 @@ def test_a_cell_is_classed_by_the_shape_of_its_sub_cells():
 
 def test_wrong_images_fail_the_rules():
     red_dot = next(r for r in all_prompts() if r["prompt"] == "a photo of a red dot")
-    result, _ = verdicts(render([ToyObject("dot", "blue", 4, 4)]), red_dot)
+    result, _ = verdicts(render([ToyObject("dot", "blue", 2, 2)]), red_dot)
     assert not result.correct and result.score == 0.5
     two_blocks = next(r for r in all_prompts() if r["prompt"] == "a photo of two blocks")
-    three = [ToyObject("block", "red", x, 2) for x in (0, 3, 6)]
+    three = [ToyObject("block", "red", x, y) for x, y in ((0, 0), (2, 0), (0, 2))]
     assert not verdicts(render(three), two_blocks)[0].correct
     assert verdicts(render(three[:2]), two_blocks)[0].correct
     left = next(r for r in all_prompts() if r["prompt"] == "a photo of a dot left of a pole")
-    scene = [ToyObject("pole", "red", 1, 2), ToyObject("dot", "green", 6, 3)]
+    scene = [ToyObject("pole", "red", 0, 1), ToyObject("dot", "green", 3, 2)]
     assert not verdicts(render(scene), left)[0].correct
 
 
@@ -146,10 +146,10 @@ def test_a_stray_sub_cell_is_a_dot_also_under_counting():
     """Every object scores 1, above the counting tag's 0.9: a stray coloured sub-cell is
     one more dot."""
     two_dots = next(r for r in all_prompts() if r["prompt"] == "a photo of two dots")
-    dots = [ToyObject("dot", "red", 1, 1), ToyObject("dot", "green", 5, 5)]
+    dots = [ToyObject("dot", "red", 0, 0), ToyObject("dot", "green", 3, 3)]
     image = render(dots)
     assert verdicts(image, two_dots)[0].correct
-    image[60:64, 28:32] = PALETTE["blue"]         # one sub-cell of cell (3, 7)
+    image[56:64, 24:32] = PALETTE["blue"]         # one sub-cell of cell (1, 3)
     assert not verdicts(image, two_dots)[0].correct
 
 
@@ -163,7 +163,7 @@ def test_geneval_scorer_selects_the_toy_detector():
     by_prompt = {r["prompt"]: r for r in all_prompts()}
     red_block = by_prompt["a photo of a red block and a blue bar"]
     right = render(sample_scene(red_block, np.random.default_rng(0)))
-    wrong = render([ToyObject("block", "blue", 0, 0), ToyObject("bar", "red", 3, 5)])
+    wrong = render([ToyObject("block", "blue", 0, 0), ToyObject("bar", "red", 3, 2)])
     out = scorer.score([right, wrong], [red_block["prompt"]] * 2, [red_block] * 2)
     assert out.scores[0] == 1.0 and out.scores[1] < 1.0
     assert out.details[0]["correct"] and not out.details[1]["correct"]
@@ -171,7 +171,7 @@ def test_geneval_scorer_selects_the_toy_detector():
 
 def test_an_object_is_found_by_its_shape_and_coloured_by_most_of_its_sub_cells():
     """As GenEval's detector: one object per shape, whatever colours its sub-cells have."""
-    image = render([ToyObject("block", "yellow", 1, 1)], 128)
+    image = render([ToyObject("block", "yellow", 1, 1)], 64)
     image[16:24, 16:24] = PALETTE["green"]          # one sub-cell of the block drawn green
     found = DETECTOR.detect([image])[0]
     assert list(found) == ["block"] and len(found["block"]) == 1 and found["block"][0].color == "yellow"
@@ -182,7 +182,7 @@ def test_painting_the_image_scores_below_nothing():
     block" (at least one, as a photo of many dogs passes "a dog"), but the score the
     policy trains on takes a point off for each extra object, and every count fails."""
     by_prompt = {r["prompt"]: r for r in all_prompts()}
-    wall = np.empty((128, 128, 3), dtype=np.uint8)
+    wall = np.empty((64, 64, 3), dtype=np.uint8)
     wall[:] = PALETTE["blue"]
     assert len(DETECTOR.detect([wall])[0]["block"]) == GRID * GRID
     result, _ = verdicts(wall, by_prompt["a photo of a block"])
