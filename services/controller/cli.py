@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                          description="Pretrain the tiny SD3.5-architecture model on the toy world's scenes "
                                      "(common/toy_world.py) with flow matching, on the CPU, and save it as a "
                                      "diffusers pipeline in OUT_DIR. The defaults made the shipped common/toy_model "
-                                     "(about 16 minutes on two idle cores); the same seed and threads give the same model.")
+                                     "(8 minutes on two idle cores); the same seed and threads give the same model.")
     toy.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     toy.add_argument("--steps", type=int, default=3000, help="optimizer steps of 64 scenes (default 3000)")
     toy.add_argument("--seed", type=int, default=0)
