@@ -25,10 +25,10 @@ Why a 4 x 4 grid (16 tokens)
     The SDE's exploration noise enters every latent dimension, and the policy gradient
     carries all of it; only the few dimensions where a scene's decisions are made carry
     the reward's signal. On an 8 x 8 grid with 16 latent channels (4096 dimensions) the
-    gradient of 128 rollouts of a position prompt was noise (cosine 0.04 between its two
-    halves, tests/bench/bench_reward_landscape.py); on 4 x 4 cells with 4 channels
-    (256 dimensions) 0.10 on the same prompt and 0.65 on a colour prompt, and an
-    iteration takes a third of the time.
+    gradients of the two halves of 256 rollouts of a position prompt agreed at cosine 0.04
+    (noise; tests/bench/bench_reward_landscape.py); on 4 x 4 cells with 4 channels (256
+    dimensions) at 0.10 on the same prompt and 0.65 on a colour prompt, and an image takes
+    a third of the time.
 
 Prompts and metadata are GenEval's (common.prompts.geneval_prompt, the six tags):
 single_object "a photo of a bar", two_object "a photo of a dot and a pole", counting
