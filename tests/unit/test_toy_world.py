@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from common.prompts import GENEVAL_TAGS, load_prompts
-from common.toy_world import (CLASSES, GRID, LATENT, MISCAPTION_RATE, PALETTE, ToyObject, all_prompts, miscaptioned,
-                              pretraining_scene_metadata, render, sample_scene, split_prompts)
+from common.toy_world import (CLASSES, GRID, LATENT, MIN_TRAIN_USES, MISCAPTION_RATE, PALETTE, ToyObject,
+                              all_prompts, balanced, miscaptioned, pretraining_scene_metadata, prompt_words,
+                              render, sample_scene, split_prompts)
 from services.reward.geneval_rules import check_metadata, evaluate, keep
 from services.reward.toy_detector import ToyDetector, classify_pattern
 
@@ -30,9 +31,36 @@ def test_splits_share_no_prompt_and_cover_every_tag():
             check_metadata(record)
 
 
+def test_training_holds_every_word_of_a_test_prompt():
+    """Each word of a test prompt, in its role, is in two or more training prompts of its
+    tag; single_object (one prompt a class) holds out one prompt, whose class other tags train."""
+    train, test = split_prompts()
+    for record in test:
+        same_tag = [prompt_words(r) for r in train if r["tag"] == record["tag"]]
+        if record["tag"] == "single_object":
+            name = record["include"][0]["class"]
+            assert sum(any(c["class"] == name for c in r["include"]) for r in train) >= MIN_TRAIN_USES
+            continue
+        for word in prompt_words(record):
+            assert sum(word in words for words in same_tag) >= MIN_TRAIN_USES, (record["prompt"], word)
+    assert {tag: sum(r["tag"] == tag for r in test) for tag in GENEVAL_TAGS} == {
+        "single_object": 1, "two_object": 4, "counting": 4, "colors": 6, "position": 16, "color_attr": 16}
+
+
+def test_balanced_repeats_each_tag_to_the_largest():
+    train, _ = split_prompts()
+    lines = balanced(train)
+    counts = {tag: sum(r["tag"] == tag for r in lines) for tag in GENEVAL_TAGS}
+    largest = max(sum(r["tag"] == tag for r in train) for tag in GENEVAL_TAGS)
+    assert all(largest <= n < 2 * largest for n in counts.values()), counts
+    assert {r["prompt"] for r in lines} == {r["prompt"] for r in train}
+
+
 def test_shipped_prompt_files_are_the_splits():
-    """deploy/prompts holds exactly what split_prompts() gives (regenerate with write_splits)."""
-    for name, records in zip(("train", "test"), split_prompts()):
+    """deploy/prompts holds exactly what write_splits() writes: the tag-balanced training
+    split and the test split."""
+    train, test = split_prompts()
+    for name, records in (("train", balanced(train)), ("test", test)):
         loaded = load_prompts(REPO / "deploy" / "prompts" / f"toy_geneval_{name}.jsonl", "geneval")
         assert [r.metadata for r in loaded] == records
 
