@@ -22,6 +22,10 @@ model with a fresh LoRA (the state of iteration 0):
      noise): whether what the update buys under the rollouts' SDE carries over to the
      images evaluation scores (an SDE with strong early noise can teach a policy to undo
      that noise, which the ODE does not add).
+  5. The share of the reward's variance that the initial noise x_T decides: CHUNK SDE
+     rollouts from each of 8 initial noises; var(per-x_T mean) / var(reward). The policy
+     gradient learns only from what the SDE's noise decides, so a share near 1 would mean
+     the rollouts do not explore.
 
 Not part of the test suite: measured, never asserted.
 """
@@ -141,6 +145,23 @@ def measure(probe: Probe, reward: str, images: int, steps: list[float]) -> None:
           f"{'':>14}ODE E[R] {ode[0]:.3f}, change at step norm {points(ode)}", flush=True)
 
 
+def initial_noise_share(probe: Probe, reward: str, noises: int = 8) -> None:
+    scorer = build_scorer(reward, probe.config.reward)
+    generator = torch.Generator(probe.device).manual_seed(4)
+    s = probe.config.sample
+    rewards = []
+    for _ in range(noises):
+        x = initial_noise(probe.pipe, 1, s.resolution, generator).expand(CHUNK, -1, -1, -1).clone()
+        rollout = sample_sde(probe.pipe, probe.cond, probe.uncond, probe.timesteps, probe.sigmas, x,
+                             guidance_scale=s.guidance_scale, noise_level=s.noise_level,
+                             generator=generator, window=probe.window)
+        rewards.append(probe.rewards(scorer, [rollout]))
+    means = np.array([r.mean() for r in rewards])
+    print(f"{'':>14}initial noise's share of the variance ({noises} x_T x {CHUNK} SDE draws): "
+          f"{means.var() / np.concatenate(rewards).var():.0%} (per-x_T means {np.round(means, 2).tolist()})",
+          flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO_ROOT / "deploy" / "configs" / "toy_geneval.yaml"))
@@ -163,6 +184,7 @@ def main() -> None:
           f"({sum(p.numel() for p in probe.params)} parameters) on {', '.join(config.lora.target_modules)}")
     for reward in args.rewards:
         measure(probe, reward, args.images, args.steps)
+        initial_noise_share(probe, reward)
 
 
 if __name__ == "__main__":
