@@ -25,6 +25,9 @@ Metrics: `summarize` (a flat JSON object, RUN_DIR/eval/iter_NNNNNN.json)
     geneval/<tag>      GenEval's accuracy of a tag: the mean of `correct` over its images
     geneval/overall    GenEval's summary: the mean of the tags' accuracies (not of the images)
     geneval/strict     the mean of `strict` over all images
+    geneval/extra_objects  the mean, over all images, of the objects of the prompt's classes
+                       beyond the counts it asks for (GenEval's "at least" rule lets a
+                       policy gain by drawing more; geneval_rules)
     ocr/accuracy       the mean OCR reward over the test images (what the paper reports)
     <name>/mean        each scorer's mean score; pickscore's in the unit of the paper's
                        table, logit_scale * cos (the reward x 26)
@@ -121,8 +124,9 @@ def geneval_summary(verdicts: Sequence[dict]) -> dict[str, float]:
     """GenEval's summary of per-image verdicts ({tag, correct, strict, ...}): each tag's
     accuracy (the mean of `correct` over its images), `overall` the mean of the tags'
     accuracies (GenEval's summary_scores: tasks weigh equally, whatever their image
-    counts), and `strict` the mean of `strict` over all images. A tag without images
-    has no key and no part in `overall`."""
+    counts), `strict` the mean of `strict` and `extra_objects` the mean of
+    `extra_objects` over all images. A tag without images has no key and no part in
+    `overall`."""
     by_tag: dict[str, list[bool]] = {}
     for v in verdicts:
         by_tag.setdefault(v["tag"], []).append(bool(v["correct"]))
@@ -132,6 +136,7 @@ def geneval_summary(verdicts: Sequence[dict]) -> dict[str, float]:
     out = {f"geneval/{tag}": float(np.mean(by_tag[tag])) for tag in GENEVAL_TAGS if tag in by_tag}
     out["geneval/overall"] = float(np.mean(list(out.values())))
     out["geneval/strict"] = float(np.mean([bool(v["strict"]) for v in verdicts]))
+    out["geneval/extra_objects"] = float(np.mean([v["extra_objects"] for v in verdicts]))
     return out
 
 

@@ -195,5 +195,6 @@ class GenevalScorer(Scorer):
             result = evaluate(meta, k, self.failed_relation)
             scores.append(float({"score": result.score, "strict": result.strict, "correct": result.correct}[self.reward]))
             details.append({"tag": meta["tag"], "score": result.score, "strict": result.strict,
-                            "correct": result.correct, "reason": result.reason})
+                            "correct": result.correct, "extra_objects": result.extra_objects,
+                            "reason": result.reason})
         return ScoreOutput(scores=np.asarray(scores), details=details)

@@ -30,6 +30,9 @@ Metadata (GenEval's): {"tag", "include": [{"class", "count", "color"?, "position
       "once"   the failed part counted once, a single 0: (1 + 1 + 0) / 3 = 2/3.
   A relation whose referenced clause did not match is a single 0 under both.
 - `strict`, 1 only if every count is exact and every part holds.
+Beside them, `extra_objects`: the kept objects of the classes the prompt names beyond the
+counts it asks for (per class, never below 0). `correct` asks for "at least" `count`, so a
+policy trained on it can gain by drawing more objects than asked, and this shows it.
 Exclude clauses enter only `correct`, as in the paper's server (an exact count already
 implies GenEval's counting exclusions, which name the same class with count + 1).
 
@@ -76,6 +79,7 @@ class GenevalResult:
     strict: bool
     score: float
     reason: str
+    extra_objects: int
 
 
 Detections = Mapping[str, Sequence[Detection]]
@@ -139,7 +143,11 @@ def evaluate(metadata: Mapping[str, Any], detections: Detections, failed_relatio
     kept = keep(detections, metadata["tag"])
     correct, reason = _correct(metadata, kept)
     score, strict = _score(metadata, kept, failed_relation)
-    return GenevalResult(correct=correct, strict=strict, score=score, reason=reason)
+    asked: dict[str, int] = {}
+    for clause in metadata["include"]:
+        asked[clause["class"]] = asked.get(clause["class"], 0) + clause["count"]
+    extra = sum(max(len(kept.get(name, [])) - count, 0) for name, count in asked.items())
+    return GenevalResult(correct=correct, strict=strict, score=score, reason=reason, extra_objects=extra)
 
 
 def _colors(objects: Sequence[Detection], name: str) -> list[str]:

@@ -64,6 +64,7 @@ def test_training_evaluates_before_any_update_and_at_the_end(trained):
         for key in TABLE_KEYS + ["brightness/mean", "groups_failed"]:
             assert key in metrics, key
         assert all(0.0 <= metrics[key] <= 1.0 for key in TABLE_KEYS[:-1])
+        assert metrics["geneval/extra_objects"] >= 0
         assert metrics["geneval/single_object"] == pytest.approx(1 / 3)  # bowl, fork, ...: one of three right
         assert metrics["geneval/overall"] == pytest.approx(sum(metrics[f"geneval/{t}"] for t in GENEVAL_TAGS) / 6)
         assert metrics["images"] + metrics["images_failed"] == 20 * 2

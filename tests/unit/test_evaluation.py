@@ -21,17 +21,19 @@ from services.rollout.worker import RolloutWorker
 
 def test_overall_is_the_mean_of_the_tags_not_of_the_images():
     # counting: 1 of 4 images right; each other tag: its one image right
-    verdicts = [{"tag": "counting", "correct": i == 0, "strict": False} for i in range(4)]
-    verdicts += [{"tag": tag, "correct": True, "strict": True} for tag in GENEVAL_TAGS if tag != "counting"]
+    verdicts = [{"tag": "counting", "correct": i == 0, "strict": False, "extra_objects": i} for i in range(4)]
+    verdicts += [{"tag": tag, "correct": True, "strict": True, "extra_objects": 0}
+                 for tag in GENEVAL_TAGS if tag != "counting"]
     out = evaluation.geneval_summary(verdicts)
     assert out["geneval/counting"] == 0.25 and out["geneval/position"] == 1.0
     assert out["geneval/overall"] == pytest.approx((5 + 0.25) / 6)  # over the images it would be 6 / 9
     assert out["geneval/strict"] == pytest.approx(5 / 9)
+    assert out["geneval/extra_objects"] == pytest.approx(6 / 9)
 
 
 def test_a_tag_outside_genevals_is_refused():
     with pytest.raises(ValueError, match="unknown tags"):
-        evaluation.geneval_summary([{"tag": "texture", "correct": True, "strict": True}])
+        evaluation.geneval_summary([{"tag": "texture", "correct": True, "strict": True, "extra_objects": 0}])
 
 
 def _scored_rows(n_per_tag=3):
@@ -41,7 +43,8 @@ def _scored_rows(n_per_tag=3):
     correct = rng.random(n) < 0.5
     geneval = np.where(correct, 1.0, rng.random(n) * 0.9)
     ocr, pick = rng.random(n), 0.8 + 0.1 * rng.random(n)
-    details = [json.dumps({"geneval": {"tag": t, "correct": bool(c), "strict": bool(c and i % 2), "score": g},
+    details = [json.dumps({"geneval": {"tag": t, "correct": bool(c), "strict": bool(c and i % 2), "score": g,
+                                       "extra_objects": i % 3},
                            "ocr": {"text": "abc", "target": "abd"}})
                for i, (t, c, g) in enumerate(zip(tags, correct, geneval))]
     rewards = pa.StructArray.from_arrays([pa.array(geneval), pa.array(ocr), pa.array(pick)],

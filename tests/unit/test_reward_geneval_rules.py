@@ -107,6 +107,16 @@ def test_colour_is_read_on_the_most_confident_objects():
     assert (r.strict, r.score) == (False, pytest.approx(0.0 / 2))  # 2 cups: count part 0, colour part 0
 
 
+def test_extra_objects_count_what_the_prompt_names_beyond_its_counts():
+    """correct passes with more objects than asked; extra_objects shows them (per class,
+    a missing object does not cancel another class's extra; unnamed classes do not count)."""
+    r = evaluate(TWO, {"bowl": many(3), "skis": [obj()], "cat": many(2)})
+    assert (r.correct, r.strict, r.extra_objects) == (True, False, 2)
+    assert evaluate(TWO, {"bowl": many(2)}).extra_objects == 1
+    assert evaluate(COUNTING, {"stop sign": many(4)}).extra_objects == 0
+    assert evaluate(COUNTING, {"stop sign": many(6)}).extra_objects == 2
+
+
 def test_color_attr():
     right = {"handbag": [obj(color="pink")], "scissors": [obj(30, 0, 40, 10, color="black")]}
     assert verdict(COLOR_ATTR, right) == (True, True, 1.0)
