@@ -33,7 +33,7 @@ SEEDS = (0, 1)
 @pytest.fixture(scope="module")
 def colour_prompts(tmp_path_factory):
     records = [json.loads(line) for line in (REPO / "deploy" / "prompts" / "toy_geneval_train.jsonl").open()]
-    chosen = [r for r in records if r["prompt"] in PROMPTS]
+    chosen = list({r["prompt"]: r for r in records if r["prompt"] in PROMPTS}.values())  # the file repeats each
     assert len(chosen) == len(PROMPTS)
     path = tmp_path_factory.mktemp("toy-prompts") / "colours.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in chosen))
