@@ -116,8 +116,7 @@ class Probe:
                 offset += p.numel()
 
 
-def measure(probe: Probe, reward: str, images: int, steps: list[float]) -> None:
-    scorer = build_scorer(reward, probe.config.reward)
+def measure(probe: Probe, scorer, reward: str, images: int, steps: list[float]) -> None:
     base = torch.cat([p.detach().flatten() for p in probe.params]).clone()
     started = time.perf_counter()
     chunks = probe.rollouts(1, images)
@@ -145,8 +144,7 @@ def measure(probe: Probe, reward: str, images: int, steps: list[float]) -> None:
           f"{'':>14}ODE E[R] {ode[0]:.3f}, change at step norm {points(ode)}", flush=True)
 
 
-def initial_noise_share(probe: Probe, reward: str, noises: int = 8) -> None:
-    scorer = build_scorer(reward, probe.config.reward)
+def initial_noise_share(probe: Probe, scorer, noises: int = 8) -> None:
     generator = torch.Generator(probe.device).manual_seed(4)
     s = probe.config.sample
     rewards = []
@@ -183,8 +181,9 @@ def main() -> None:
           f"SDE steps {window or 'all'}, LoRA {len(probe.params)} tensors "
           f"({sum(p.numel() for p in probe.params)} parameters) on {', '.join(config.lora.target_modules)}")
     for reward in args.rewards:
-        measure(probe, reward, args.images, args.steps)
-        initial_noise_share(probe, reward)
+        scorer = build_scorer(reward, config.reward)
+        measure(probe, scorer, reward, args.images, args.steps)
+        initial_noise_share(probe, scorer)
 
 
 if __name__ == "__main__":

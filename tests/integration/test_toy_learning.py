@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.toy_world import split_prompts
 from services.controller.job import train
 from services.controller.preflight import prepare
 
@@ -32,8 +33,8 @@ SEEDS = (0, 1)
 
 @pytest.fixture(scope="module")
 def colour_prompts(tmp_path_factory):
-    records = [json.loads(line) for line in (REPO / "deploy" / "prompts" / "toy_geneval_train.jsonl").open()]
-    chosen = list({r["prompt"]: r for r in records if r["prompt"] in PROMPTS}.values())  # the file repeats each
+    train, _ = split_prompts()  # the shipped training file's prompts (tests/unit/test_toy_world.py), each once
+    chosen = [r for r in train if r["prompt"] in PROMPTS]
     assert len(chosen) == len(PROMPTS)
     path = tmp_path_factory.mktemp("toy-prompts") / "colours.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in chosen))
