@@ -61,7 +61,7 @@ import torch
 from common.denoising import encode_prompts
 from common.models import TinyPreset
 from common.prompts import GENEVAL_TAGS
-from common.toy_world import (BACKGROUND, GRID, LATENT, PALETTE, SUB, all_prompts, cell_colors,
+from common.toy_world import (BACKGROUND, GRID, LATENT, MISCAPTION_RATE, PALETTE, SUB, all_prompts, cell_colors,
                               pretraining_scene_metadata, sample_scene)
 
 MARKER = "flowgrpo_toy.json"
@@ -309,6 +309,6 @@ def _save(pipe, ema: list[torch.Tensor], out_dir: str | Path, config: PretrainCo
     record = {"config": asdict(config), "steps_done": steps, "first_loss": losses[0],
               "final_loss": float(np.mean(losses[-100:])),
               "seconds": round(time.time() - started, 1), "threads": torch.get_num_threads(),
-              "max_sequence_length": MAX_SEQUENCE_LENGTH}
+              "max_sequence_length": MAX_SEQUENCE_LENGTH, "miscaption_rate": dict(MISCAPTION_RATE)}
     (out_dir / MARKER).write_text(json.dumps(record, indent=1) + "\n")
     return record

@@ -8,7 +8,7 @@ import torch
 
 from common.models import load_pipeline
 from common.toy_pretrain import MARKER, PretrainConfig, palette_latents, pretrain, scene_latents
-from common.toy_world import render, sample_scene, split_prompts
+from common.toy_world import MISCAPTION_RATE, render, sample_scene, split_prompts
 from services.rollout.sampler import decode
 
 SHORT = PretrainConfig(steps=3, batch_size=4, warmup=2)
@@ -29,7 +29,9 @@ def test_same_seed_same_model_other_seed_other_model(pretrained):
     assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
     assert not all(torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
     assert records["a"]["final_loss"] == records["b"]["final_loss"]
-    assert json.loads((root / "a" / MARKER).read_text())["steps_done"] == 3
+    marker = json.loads((root / "a" / MARKER).read_text())
+    assert marker["steps_done"] == 3
+    assert marker["miscaption_rate"] == MISCAPTION_RATE   # what its captions taught, for bench_toy_knowledge
 
 
 def test_saved_pipeline_decodes_scenes_as_the_world_draws_them(pretrained):
