@@ -23,7 +23,7 @@ Each accuracy line ends with what the model's pretraining captions of the tag sh
 the share of its scenes that matched their caption (1 - the miscaption rate its
 flowgrpo_toy.json records; `caption_match`). At --cfg 1.0 the
 sampler draws from the model's own conditional distribution, so a share near the
-captions' means the model learned the tag and one near chance (a quarter of the
+captions' means the model learned the tag and one near chance (about a quarter of the
 relations, half of the bindings) means it did not; guidance (4.5) sharpens what was
 learned, it cannot add what was not.
 
