@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 from collections import Counter, defaultdict
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -50,9 +51,6 @@ from services.controller.preflight import REPO_ROOT  # noqa: E402
 from services.reward.geneval_rules import evaluate, keep, relative_position  # noqa: E402
 from services.reward.toy_detector import ToyDetector  # noqa: E402
 from services.rollout.sampler import initial_noise, sample_ode  # noqa: E402
-
-RESOLUTION = LATENT * 8   # the toy VAE's factor 8
-
 
 def composition(metadata, kept) -> tuple[str, str] | None:
     """(table, outcome) of one image for the tag's knowledge table (module doc), or None
@@ -78,8 +76,8 @@ def caption_match(model: str) -> dict[str, float]:
     """Per tag, the share of the model's pretraining scenes that matched their caption:
     1 - the miscaption rates its MARKER records (models pretrained before it recorded
     them: common.toy_world.MISCAPTION_RATE, with which the shipped model was made)."""
-    marker = os.path.join(model, MARKER)
-    rates = json.load(open(marker)).get("miscaption_rate") if os.path.exists(marker) else None
+    marker = Path(model) / MARKER
+    rates = json.loads(marker.read_text()).get("miscaption_rate") if marker.exists() else None
     return {tag: 1 - rate for tag, rate in (rates or MISCAPTION_RATE).items()}
 
 
@@ -88,17 +86,17 @@ def measure(pipe, records, images: int, cfg: float, matched: dict[str, float], s
     timesteps, sigmas = sigma_schedule(pipe.scheduler, steps, pipe.transformer.device)
     uncond = encode_prompts(pipe, [""], MAX_SEQUENCE_LENGTH).expand(images)
     generator = torch.Generator().manual_seed(0)
+    resolution = LATENT * pipe.vae_scale_factor   # the world's sub-cell grid, decoded
     correct: dict[str, list[bool]] = defaultdict(list)
     tables: dict[str, Counter] = defaultdict(Counter)
     for record in records:
         metadata = record.metadata
         cond = encode_prompts(pipe, [record.prompt] * images, MAX_SEQUENCE_LENGTH)
-        noise = initial_noise(pipe, images, RESOLUTION, generator)
+        noise = initial_noise(pipe, images, resolution, generator)
         batch = sample_ode(pipe, cond, uncond, timesteps, sigmas, noise, guidance_scale=cfg)
         for detections in detector.detect(list(batch)):
-            kept = keep(detections, metadata["tag"])
-            correct[metadata["tag"]].append(evaluate(metadata, kept).correct)
-            entry = composition(metadata, kept)
+            correct[metadata["tag"]].append(evaluate(metadata, detections).correct)
+            entry = composition(metadata, keep(detections, metadata["tag"]))
             if entry:
                 tables[f"{metadata['tag']}: {entry[0]}"][entry[1]] += 1
     print(f"\nCFG {cfg}: {images} ODE images a prompt, {len(records)} prompts")
@@ -128,8 +126,9 @@ def main() -> None:
     if args.lora:
         pipe.load_lora_weights(args.lora)
     records = load_prompts(args.prompts, "geneval")
+    matched = caption_match(args.model)
     for cfg in args.cfg:
-        measure(pipe, records, args.images, cfg, caption_match(args.model))
+        measure(pipe, records, args.images, cfg, matched)
 
 
 if __name__ == "__main__":
