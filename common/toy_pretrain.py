@@ -63,6 +63,7 @@ import torch
 from common.denoising import encode_prompts
 from common.models import TinyPreset
 from common.prompts import GENEVAL_TAGS
+from common.toy_clip import train_clip_encoder
 from common.toy_world import (BACKGROUND, GRID, LATENT, MISCAPTION_RATE, PALETTE, SUB, all_prompts, cell_colors,
                               pretraining_scene_metadata, sample_scene)
 
@@ -85,6 +86,7 @@ class PretrainConfig:
     empty_prompt_fraction: float = 0.1
     seed: int = 0
     save_every: int = 0    # also save the EMA weights every this many steps (0: only at the end)
+    clip_steps: int = 3000  # contrastive steps of each CLIP text encoder first (common.toy_clip)
 
 
 def toy_words() -> list[str]:
@@ -245,6 +247,9 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
     started = time.time()
     torch.manual_seed(config.seed)
     pipe = build_toy_pipeline(config.seed)
+    clip_accuracy = [train_clip_encoder(encoder, tokenizer, config.seed + k, steps=config.clip_steps)
+                     for k, (encoder, tokenizer) in enumerate(((pipe.text_encoder, pipe.tokenizer),
+                                                               (pipe.text_encoder_2, pipe.tokenizer_2)))]
     palette = palette_latents(pipe.vae)
     records = all_prompts()
     captions = sorted({r["prompt"] for r in records}) + [""]
@@ -293,15 +298,15 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
             trained = [p.detach().clone() for p in model.parameters()]
-            _save(pipe, ema, out_dir, config, step + 1, losses, started)
+            _save(pipe, ema, out_dir, config, step + 1, losses, started, clip_accuracy)
             with torch.no_grad():
                 for p, value in zip(model.parameters(), trained):
                     p.copy_(value)
-    return _save(pipe, ema, out_dir, config, config.steps, losses, started)
+    return _save(pipe, ema, out_dir, config, config.steps, losses, started, clip_accuracy)
 
 
 def _save(pipe, ema: list[torch.Tensor], out_dir: str | Path, config: PretrainConfig, steps: int,
-          losses: list[float], started: float) -> dict:
+          losses: list[float], started: float, clip_accuracy: list[dict[str, float]]) -> dict:
     """Save the pipeline with the EMA weights in the transformer, and MARKER."""
     with torch.no_grad():
         for average, p in zip(ema, pipe.transformer.parameters()):
@@ -311,6 +316,7 @@ def _save(pipe, ema: list[torch.Tensor], out_dir: str | Path, config: PretrainCo
     record = {"config": asdict(config), "steps_done": steps, "first_loss": losses[0],
               "final_loss": float(np.mean(losses[-100:])),
               "seconds": round(time.time() - started, 1), "threads": torch.get_num_threads(),
-              "max_sequence_length": MAX_SEQUENCE_LENGTH, "miscaption_rate": dict(MISCAPTION_RATE)}
+              "max_sequence_length": MAX_SEQUENCE_LENGTH, "miscaption_rate": dict(MISCAPTION_RATE),
+              "clip_accuracy": clip_accuracy}
     (out_dir / MARKER).write_text(json.dumps(record, indent=1) + "\n")
     return record

@@ -231,18 +231,22 @@ def _separate(a: ToyObject, b: ToyObject) -> bool:
 
 
 def _holds(target: ToyObject, reference: ToyObject, relation: str) -> bool:
-    """A sufficient condition for GenEval's relation (geneval_rules.relative_position)
-    whatever the two classes: the cells at least two apart along the relation's axis,
-    and at most half as far apart across it."""
+    """Placements where GenEval's rules (geneval_rules.relative_position) read this
+    relation and no other, whatever the two classes: the cells at least two apart along
+    the relation's axis and at most a third as far apart across it. (At half as far, two
+    apart along and one across, a bar below a pole also reads "right of": the classes'
+    boxes sit at different places in their cells.) So a scene of "a dot left of a pole"
+    is a scene of no other relation, as the contrastive text pretraining assumes
+    (common.toy_clip.truth_key)."""
     ox, oy = target.x - reference.x, target.y - reference.y
     if relation == "left of":
-        return ox <= -2 and 2 * abs(oy) <= -ox
+        return ox <= -2 and 3 * abs(oy) <= -ox
     if relation == "right of":
-        return ox >= 2 and 2 * abs(oy) <= ox
+        return ox >= 2 and 3 * abs(oy) <= ox
     if relation == "above":
-        return oy <= -2 and 2 * abs(ox) <= -oy
+        return oy <= -2 and 3 * abs(ox) <= -oy
     if relation == "below":
-        return oy >= 2 and 2 * abs(ox) <= oy
+        return oy >= 2 and 3 * abs(ox) <= oy
     raise ValueError(f"unknown relation {relation!r}; one of {', '.join(GENEVAL_RELATIONS)}")
 
 

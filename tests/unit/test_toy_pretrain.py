@@ -11,7 +11,7 @@ from common.toy_pretrain import MARKER, PretrainConfig, palette_latents, pretrai
 from common.toy_world import MISCAPTION_RATE, render, sample_scene, split_prompts
 from services.rollout.sampler import decode
 
-SHORT = PretrainConfig(steps=3, batch_size=4, warmup=2)
+SHORT = PretrainConfig(steps=3, batch_size=4, warmup=2, clip_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_saved_pipeline_decodes_scenes_as_the_world_draws_them(pretrained):
 
 def test_loss_falls(tmp_path):
     torch.set_num_threads(1)
-    record = pretrain(tmp_path / "m", PretrainConfig(steps=40, batch_size=8, warmup=5), progress=False)
+    record = pretrain(tmp_path / "m", PretrainConfig(steps=40, batch_size=8, warmup=5, clip_steps=2), progress=False)
     assert record["final_loss"] < 0.7 * record["first_loss"]
 
 
