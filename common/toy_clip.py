@@ -55,14 +55,16 @@ def confusers(prompts: Sequence[Mapping[str, Any]]) -> torch.Tensor:
     """[P, P] bool: candidates[i, j] when prompt j is prompt i or is of its tag and false of
     every scene of prompt i (another truth_key; within a tag of this world that means
     another class, count, colour or relation, or the colours or places swapped)."""
-    keys = [truth_key(p) for p in prompts]
-    tags = [p["tag"] for p in prompts]
-    n = len(prompts)
-    out = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        for j in range(n):
-            out[i, j] = i == j or (tags[i] == tags[j] and keys[i] != keys[j])
-    return out
+    keys = _codes([truth_key(p) for p in prompts])
+    tags = _codes([p["tag"] for p in prompts])
+    same_tag, same_key = tags[:, None] == tags[None, :], keys[:, None] == keys[None, :]
+    return torch.eye(len(prompts), dtype=torch.bool) | (same_tag & ~same_key)
+
+
+def _codes(values: list) -> torch.Tensor:
+    """An integer per value, equal for equal values."""
+    index: dict = {}
+    return torch.tensor([index.setdefault(v, len(index)) for v in values])
 
 
 class SceneTower(nn.Module):
@@ -81,10 +83,13 @@ class SceneTower(nn.Module):
         return self.mlp(self.cell(one_hot))
 
 
-def train_clip_encoder(text_encoder, tokenizer, seed: int, steps: int = 600, batch_size: int = 128,
-                       learning_rate: float = 3e-3, eval_scenes: int = 1024) -> dict[str, float]:
+def train_clip_encoder(text_encoder, tokenizer, seed: int, steps: int = 3000, batch_size: int = 128,
+                       learning_rate: float = 3e-3, eval_scenes: int = 1024, progress: str = "") -> dict[str, float]:
     """Train one CLIPTextModelWithProjection in place (module doc); returns the share of
-    fresh scenes (per tag) whose caption scores above every one of its confusers."""
+    fresh scenes (per tag) whose caption scores above every one of its confusers.
+    `progress`: a progress bar's label ("" for none)."""
+    from tqdm import tqdm
+
     prompts = all_prompts()
     tokens = tokenizer([p["prompt"] for p in prompts], padding="max_length", max_length=tokenizer.model_max_length,
                        truncation=True, return_tensors="pt").input_ids
@@ -115,7 +120,7 @@ def train_clip_encoder(text_encoder, tokenizer, seed: int, steps: int = 600, bat
         scores = log_scale.exp().clamp(max=100.0) * scene @ text.T
         return scores.masked_fill(~candidates[index], float("-inf"))
 
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=progress, disable=not progress, mininterval=2.0):
         index, cells = batch(batch_size)
         loss = nn.functional.cross_entropy(logits(index, cells), index)
         optimizer.zero_grad(set_to_none=True)

@@ -7,12 +7,13 @@ How it is imperfect: its captions. A tag's MISCAPTION_RATE of the scenes it lear
 misdescribe their caption in that tag's way (common.toy_world.miscaptioned: another
 count, relation or colour, colours swapped), as web captions misstate the number,
 places and colours of what a picture shows far more often than what it shows. The
-intent: a model that draws every class cleanly and follows counts, positions and colour
-binding only as often as its captions did, errors of choice between scenes it can draw,
-which is what Flow-GRPO's reward can correct. Measured (tests/bench/bench_toy_knowledge.py,
-README "The toy world"): it learns the colours, classes and counts of the words, but
-colour binding and relations stay at chance, also with correct captions and with the
-text encoders trained: what it learns in minutes is words, not composition.
+model learns each tag's words and composition, and follows them only as often as its
+captions did: errors of choice between scenes it can draw, which is what Flow-GRPO's
+reward can correct. Two things made composition learnable at all (measured with
+tests/bench/bench_toy_knowledge.py, README "The toy world"): text encoders trained as
+CLIP is (common.toy_clip; random ones give a pooled embedding close to a bag of words,
+and colour binding and relations stayed at chance), and a background far from every
+colour (common.toy_world.BACKGROUND; on mid grey a relation's layout was never learned).
 
 What it sees: scenes of every prompt of the world, test split included, as SD3.5's
 pretraining saw the words and compositions of GenEval's prompts. The split is RL's:
@@ -21,9 +22,10 @@ trained on (a model that had never seen "three blocks" drew bars for it, so the 
 split measured what pretraining missed, not what RL did).
 
 The pipeline
-  - text encoders: the tiny ones of common.models (two CLIP with projection and a T5),
-    random and frozen; tokenizers in which each toy word is one token. CLIP's learned absolute position
-    embeddings tell the transformer which word came where (colour binding, left/right).
+  - text encoders: the tiny ones of common.models (two CLIP with projection and a T5);
+    tokenizers in which each toy word is one token. Each CLIP is first trained with
+    CLIP's contrastive objective against a small scene encoder (common.toy_clip,
+    `clip_steps`), then frozen with the T5, which stays random.
   - transformer: SD3Transformer2DModel, 4 layers of 4 heads x 32, dual attention in the
     first and RMS qk-norm (SD3.5's), patch 2 on an 8 x 8 latent: 16 image tokens, one a
     cell of the world, each drawing its object's 2 x 2 sub-cell pattern alone.
@@ -247,7 +249,8 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
     started = time.time()
     torch.manual_seed(config.seed)
     pipe = build_toy_pipeline(config.seed)
-    clip_accuracy = [train_clip_encoder(encoder, tokenizer, config.seed + k, steps=config.clip_steps)
+    clip_accuracy = [train_clip_encoder(encoder, tokenizer, config.seed + k, steps=config.clip_steps,
+                                        progress=f"text encoder {k + 1}/2" if progress else "")
                      for k, (encoder, tokenizer) in enumerate(((pipe.text_encoder, pipe.tokenizer),
                                                                (pipe.text_encoder_2, pipe.tokenizer_2)))]
     palette = palette_latents(pipe.vae)

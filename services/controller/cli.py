@@ -62,10 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     toy = sub.add_parser("pretrain-toy", help="pretrain the toy-world model on the CPU",
                          description="Pretrain the tiny SD3.5-architecture model on the toy world's scenes "
                                      "(common/toy_world.py) with flow matching, on the CPU, and save it as a "
-                                     "diffusers pipeline in OUT_DIR. The defaults made the shipped common/toy_model "
-                                     "(8 minutes on two idle cores); the same seed and threads give the same model.")
+                                     "diffusers pipeline in OUT_DIR; its two CLIP text encoders are first trained "
+                                     "contrastively on the scenes (common/toy_clip.py). The defaults made the shipped "
+                                     "common/toy_model (about 11 minutes on two idle cores); the same seed and threads "
+                                     "give the same model.")
     toy.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     toy.add_argument("--steps", type=int, default=3000, help="optimizer steps of 64 scenes (default 3000)")
+    toy.add_argument("--text-steps", type=int, default=3000, metavar="STEPS",
+                     help="contrastive steps of each CLIP text encoder, before the transformer's (default 3000)")
     toy.add_argument("--seed", type=int, default=0)
     toy.add_argument("--threads", type=int, default=2,
                      help="torch threads (default 2; results depend on it, as on the seed)")
@@ -290,15 +294,16 @@ def _pretrain_toy(args) -> int:
 
     from common.toy_pretrain import PretrainConfig, pretrain
 
-    if args.steps < 1 or args.threads < 1:
-        print("flowgrpo: error: --steps and --threads must be at least 1", file=sys.stderr)
+    if args.steps < 1 or args.threads < 1 or args.text_steps < 0:
+        print("flowgrpo: error: --steps and --threads must be at least 1, --text-steps at least 0", file=sys.stderr)
         return 2
     if args.out_dir.exists() and any(args.out_dir.iterdir()) and not args.overwrite:
         print(f"flowgrpo: error: OUT_DIR {args.out_dir} is not empty; give a new folder, or add --overwrite "
               f"to write the model over what it holds", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    record = pretrain(args.out_dir, PretrainConfig(steps=args.steps, seed=args.seed, save_every=args.save_every))
+    record = pretrain(args.out_dir, PretrainConfig(steps=args.steps, seed=args.seed, save_every=args.save_every,
+                                                    clip_steps=args.text_steps))
     print(f"flowgrpo: toy model saved in {args.out_dir} after {args.steps} steps, loss {record['final_loss']:.4f}, "
           f"{record['seconds'] / 60:.1f} min")
     return 0

@@ -305,17 +305,20 @@ class RunFolder:
                              f"got {len(captions)} and {len(rewards)}")
         font = _caption_font()
         line_height = font.getbbox("Ag")[3] + 3
-        cell_width, cell_height = max(width, 160), height + (1 + CAPTION_LINES) * line_height + 6
+        cell_width, cell_height = max(width, 160) + 2, height + (1 + CAPTION_LINES) * line_height + 8
         cols = math.ceil(math.sqrt(n))
         rows = math.ceil(n / cols)
         grid = Image.new("RGB", (cols * cell_width, rows * cell_height), "white")
         draw = ImageDraw.Draw(grid)
         for i in range(n):
             x, y = (i % cols) * cell_width, (i // cols) * cell_height
-            grid.paste(Image.fromarray(images[i]), (x + (cell_width - width) // 2, y))
-            draw.text((x + 3, y + height + 2), f"{label} {float(rewards[i]):.4g}", fill="black", font=font)
+            left = x + (cell_width - width) // 2
+            # a frame, so that an image on a light background (the toy world's) shows where it ends
+            draw.rectangle((left - 1, y, left + width, y + height + 1), outline="silver")
+            grid.paste(Image.fromarray(images[i]), (left, y + 1))
+            draw.text((x + 3, y + height + 4), f"{label} {float(rewards[i]):.4g}", fill="black", font=font)
             for k, line in enumerate(_wrap(draw, captions[i], font, cell_width - 6, CAPTION_LINES), start=1):
-                draw.text((x + 3, y + height + 2 + k * line_height), line, fill="dimgray", font=font)
+                draw.text((x + 3, y + height + 4 + k * line_height), line, fill="dimgray", font=font)
         path = self.path / subdir / f"iter_{iteration:06d}.png"
         path.parent.mkdir(exist_ok=True)
         grid.save(path)

@@ -5,7 +5,7 @@ Mask2Former adapter gives them.
 
 How an image is read
   1. Average-pool it to the LATENT x LATENT sub-cell grid (the toy VAE decodes one
-     colour a latent pixel), and give each sub-cell the nearest of the background grey
+     colour a latent pixel), and give each sub-cell the nearest of the background
      and the PALETTE colours (RGB distance).
   2. Each cell of the GRID (SUB x SUB sub-cells, one transformer token) holds at most
      one object: as GenEval's detector finds objects by their shape and leaves colour
@@ -23,13 +23,17 @@ How an image is read
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageColor
 
 from common.toy_world import BACKGROUND, GRID, LATENT, PALETTE, SUB
+from services.reward.geneval import BACKGROUND as CROP_BACKGROUND
 from services.reward.geneval_rules import Detection
 
 _COLORS = np.array([BACKGROUND, *PALETTE.values()], dtype=np.float64)   # index 0: background
 _NAMES = list(PALETTE)
+# A colour crop's pixels: the world's background, GenEval's grey outside the mask (nearer
+# to green than to the near-white background, so it must not vote), then the palette.
+_CROP_COLORS = np.array([BACKGROUND, ImageColor.getrgb(CROP_BACKGROUND), *PALETTE.values()], dtype=np.float64)
 
 
 def cell_labels(image: np.ndarray) -> np.ndarray:
@@ -99,7 +103,7 @@ class ToyColorClassifier:
         colors = []
         for crop in crops:
             pixels = np.asarray(crop.convert("RGB"), dtype=np.float64).reshape(-1, 3)
-            nearest = np.argmin(((pixels[:, None, :] - _COLORS) ** 2).sum(-1), axis=-1)
-            votes = np.bincount(nearest, minlength=len(_COLORS))[1:]
+            nearest = np.argmin(((pixels[:, None, :] - _CROP_COLORS) ** 2).sum(-1), axis=-1)
+            votes = np.bincount(nearest, minlength=len(_CROP_COLORS))[2:]
             colors.append(_NAMES[int(votes.argmax())])
         return colors

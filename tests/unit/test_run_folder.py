@@ -110,9 +110,12 @@ def test_sample_grid_has_a_cell_per_image_with_a_label(tmp_path):
     cell_width = grid.shape[1] // 3  # 5 images: 3 columns, 2 rows
     assert grid.shape[1] == 3 * cell_width and grid.shape[0] > 2 * 32
     red = (grid[..., 0] == 255) & (grid[..., 1] == 0)
-    assert red[:32].sum() == 3 * 32 * 32 and red.sum() == 5 * 32 * 32  # three images in the first row
+    assert red[:34].sum() == 3 * 32 * 32 and red.sum() == 5 * 32 * 32  # three images in the first row
+    rows, cols = np.nonzero(red[:34, :cell_width])
+    frame = grid[rows.min() - 1, cols.min() - 1:cols.max() + 2]
+    assert (frame == 192).all()   # a silver frame around each image
     cell_height = grid.shape[0] // 2
-    label = grid[32:cell_height, :cell_width]
+    label = grid[34:cell_height, :cell_width]
     assert (label < 128).any()  # text under the image
     with pytest.raises(ValueError, match="uint8"):
         run.save_sample_grid(1, images.astype(np.float32), ["c"] * 5, [0.0] * 5)
@@ -215,8 +218,8 @@ def test_sample_grid_captions_keep_their_spaces(tmp_path):
     with Image.open(path) as grid:
         grid = np.asarray(grid.convert("RGB"))
     line_height = _caption_font().getbbox("Ag")[3] + 3
-    assert grid.shape[0] == 32 + (1 + CAPTION_LINES) * line_height + 6
-    caption = grid[32 + 2 + line_height:32 + 2 + 2 * line_height]
+    assert grid.shape[0] == 32 + (1 + CAPTION_LINES) * line_height + 8
+    caption = grid[32 + 4 + line_height:32 + 4 + 2 * line_height]
     # four word gaps, each wider than any gap between two letters of a word
     assert sum(gap >= 4 for gap in _ink_gaps(caption)) == 4
 

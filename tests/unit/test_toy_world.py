@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from common.prompts import GENEVAL_TAGS, load_prompts
-from common.toy_world import (CLASSES, GRID, LATENT, MIN_TRAIN_USES, MISCAPTION_RATE, PALETTE, ToyObject,
+from common.toy_world import (BACKGROUND, CLASSES, GRID, LATENT, MIN_TRAIN_USES, MISCAPTION_RATE, PALETTE, ToyObject,
                               all_prompts, balanced, miscaptioned, pretraining_scene_metadata, prompt_words,
                               render, sample_scene, split_prompts)
 from services.reward.geneval_rules import check_metadata, evaluate, keep
@@ -150,9 +150,9 @@ def test_a_cell_is_classed_by_the_shape_of_its_sub_cells():
     assert classify_pattern(pattern((0, 0), (1, 1))) == "bar" and classify_pattern(pattern((0, 1), (0, 1))) == "pole"
     assert classify_pattern(pattern((1, 1), (1, 0))) == "block" and classify_pattern(pattern((1, 1), (1, 1))) == "block"
     assert classify_pattern(pattern((1, 0), (0, 1))) is None and classify_pattern(pattern((0, 0), (0, 0))) is None
-    cells = np.full((LATENT, LATENT, 3), 128, dtype=np.uint8)
+    cells = np.array(BACKGROUND, dtype=np.uint8) * np.ones((LATENT, LATENT, 1), dtype=np.uint8)
     cells[6:8, 6:8] = PALETTE["blue"]
-    cells[7, 7] = 128                     # a block with a corner missing
+    cells[7, 7] = BACKGROUND                    # a block with a corner missing
     found = DETECTOR.detect([cells.repeat(8, 0).repeat(8, 1)])[0]
     assert list(found) == ["block"] and found["block"][0].color == "blue"
 
