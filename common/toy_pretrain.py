@@ -13,7 +13,8 @@ reward can correct. Two things made composition learnable at all (measured with
 tests/bench/bench_toy_knowledge.py, README "The toy world"): text encoders trained as
 CLIP is (common.toy_clip; random ones give a pooled embedding close to a bag of words,
 and colour binding and relations stayed at chance), and a background far from every
-colour (common.toy_world.BACKGROUND; on mid grey a relation's layout was never learned).
+colour with position scenes that read one relation only (common.toy_world; on mid grey a
+relation's layout was never learned).
 
 What it sees: scenes of every prompt of the world, test split included, as SD3.5's
 pretraining saw the words and compositions of GenEval's prompts. The split is RL's:
