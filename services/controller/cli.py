@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "(common/toy_world.py) with flow matching, on the CPU, and save it as a "
                                      "diffusers pipeline in OUT_DIR; its two CLIP text encoders are first trained "
                                      "contrastively on the scenes (common/toy_clip.py). The defaults made the shipped "
-                                     "common/toy_model (about 11 minutes on two idle cores); the same seed and threads "
+                                     "common/toy_model (10 minutes on two idle cores); the same seed and threads "
                                      "give the same model.")
     toy.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     toy.add_argument("--steps", type=int, default=3000, help="optimizer steps of 64 scenes (default 3000)")
