@@ -33,7 +33,7 @@ _COLORS = np.array([BACKGROUND, *PALETTE.values()], dtype=np.float64)   # index 
 _NAMES = list(PALETTE)
 # A colour crop's pixels: the world's background, GenEval's grey outside the mask (nearer
 # to green than to the near-white background, so it must not vote), then the palette.
-_CROP_COLORS = np.array([BACKGROUND, ImageColor.getrgb(CROP_BACKGROUND), *PALETTE.values()], dtype=np.float64)
+_CROP_COLORS = np.insert(_COLORS, 1, ImageColor.getrgb(CROP_BACKGROUND), axis=0)
 
 
 def cell_labels(image: np.ndarray) -> np.ndarray:

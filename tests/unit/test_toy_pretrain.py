@@ -27,11 +27,24 @@ def test_same_seed_same_model_other_seed_other_model(pretrained):
     root, records = pretrained
     weights = {name: load_pipeline(str(root / name)).transformer.state_dict() for name in "abc"}
     assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    text = {name: load_pipeline(str(root / name)).text_encoder.state_dict() for name in "ab"}
+    assert all(torch.equal(text["a"][k], text["b"][k]) for k in text["a"])   # the contrastive stage too
     assert not all(torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
     assert records["a"]["final_loss"] == records["b"]["final_loss"]
     marker = json.loads((root / "a" / MARKER).read_text())
     assert marker["steps_done"] == 3
     assert marker["miscaption_rate"] == MISCAPTION_RATE   # what its captions taught, for bench_toy_knowledge
+    assert len(marker["clip_accuracy"]) == 2 and set(marker["clip_accuracy"][0]) == set(MISCAPTION_RATE)
+
+
+def test_object_colours_lie_to_one_side_of_the_background_in_latent_space(pretrained):
+    """What the near-white background is for (common.toy_world): the palette's latents
+    minus the background's share a direction, so where objects go shows in the mean of
+    a prompt's scenes. On mid grey the offsets nearly cancel (0.24 of their mean length)."""
+    root, _ = pretrained
+    latents = palette_latents(load_pipeline(str(root / "a")).vae)
+    offsets = latents[1:] - latents[0]
+    assert offsets.mean(dim=0).norm() > 0.8 * offsets.norm(dim=1).mean()
 
 
 def test_saved_pipeline_decodes_scenes_as_the_world_draws_them(pretrained):
