@@ -4,11 +4,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from common.prompts import GENEVAL_TAGS, load_prompts
 from common.toy_world import (BACKGROUND, CLASSES, GRID, LATENT, MIN_TRAIN_USES, MISCAPTION_RATE, PALETTE, ToyObject,
                               all_prompts, balanced, miscaptioned, pretraining_scene_metadata, prompt_words,
                               render, sample_scene, split_prompts)
+from services.reward.geneval import BACKGROUND as CROP_GREY
 from services.reward.geneval_rules import check_metadata, evaluate, keep
 from services.reward.toy_detector import ToyColorClassifier, ToyDetector, classify_pattern
 
@@ -222,10 +224,6 @@ def test_painting_the_image_scores_below_nothing():
 def test_colour_crops_are_read_without_genevals_grey():
     """GenEval's colour crop paints grey #999 outside an object's mask; on the near-white
     background that grey is nearer to green than to the background, so it must not vote."""
-    from PIL import Image
-
-    from services.reward.geneval import BACKGROUND as CROP_GREY
-
     crop = Image.new("RGB", (16, 16), CROP_GREY)
     crop.paste(Image.new("RGB", (6, 16), PALETTE["yellow"]), (0, 0))
     assert ToyColorClassifier().classify([crop], ["bar"]) == ["yellow"]
