@@ -63,9 +63,8 @@ class Learner:
         with torch.random.fork_rng(devices=[]):  # the Gaussian LoRA init draws from torch's global RNG
             torch.manual_seed(config.run.seed)
             self.params = attach_lora(self.transformer, config.lora)
+        self.optimizer = torch.optim.AdamW(self.params, **self._optimizer_settings())
         t = config.train
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                           weight_decay=t.weight_decay, eps=t.adam_eps)
         self.ema = LoraEma(self.params, t.ema_decay, t.ema_every) if t.ema else None
         self.version = 0
         self.negative: PromptEmbeds | None = None  # read from the first rollout batch (no text encoder here)
@@ -321,10 +320,20 @@ class Learner:
             "generator": self.generator.get_state(),
         })
 
+    def _optimizer_settings(self) -> dict:
+        """AdamW's settings from `train`: at the start, and again after a checkpoint's
+        optimizer state is loaded, whose saved settings would otherwise override a
+        `--resume --set train.learning_rate=...`."""
+        t = self.config.train
+        return {"lr": t.learning_rate, "betas": (t.adam_beta1, t.adam_beta2), "weight_decay": t.weight_decay,
+                "eps": t.adam_eps}
+
     def load_state_dict(self, tensors: bytes, meta: dict) -> None:
         state = learner_state.unpack(tensors, meta)
         set_peft_model_state_dict(self.transformer, state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the moments resume; the settings are the config's
+            group.update(self._optimizer_settings())
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])

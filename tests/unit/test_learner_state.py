@@ -69,6 +69,19 @@ def test_a_loaded_learner_continues_exactly(trained):
     assert all(torch.equal(x, y) for x, y in zip(learner.ema.shadow, fresh.ema.shadow))
 
 
+def test_a_resumed_learner_takes_the_configs_optimizer_settings(trained, tiny_config):
+    """`flowgrpo train --resume RUN --set train.learning_rate=...`: the checkpoint's Adam
+    moments are kept, its saved settings give way to the config's."""
+    _, learner, _ = trained
+    blob, meta = learner.state_dict()
+    fresh = Learner(tiny_config("train.ema=true", "train.learning_rate=2e-4", "train.adam_beta1=0.5"))
+    fresh.load_state_dict(blob, json.loads(json.dumps(meta)))
+    group = fresh.optimizer.param_groups[0]
+    assert group["lr"] == 2e-4 and group["betas"] == (0.5, 0.999)
+    saved = learner.optimizer.state_dict()["state"]
+    assert all(torch.equal(fresh.optimizer.state_dict()["state"][i]["exp_avg"], saved[i]["exp_avg"]) for i in saved)
+
+
 def test_another_format_is_refused_with_the_way_out(trained):
     _, learner, _ = trained
     blob, meta = learner.state_dict()
