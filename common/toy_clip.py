@@ -7,7 +7,7 @@ left of a pole" and "a pole left of a dot" came out at cosine 0.986, "a red bloc
 blue bar" and its colours swapped at 0.993. With it the transformer never learned which
 colour is whose (binding right 0.39, swapped 0.39 at CFG 1.0). Given instead a pooled
 vector that names each clause's class and colour, it learned binding in the same 3000
-steps (right 0.97, swapped 0.03; README "The toy world"). Training the encoders as CLIP
+steps (right 0.97, swapped 0.03; docs/toy_world.md). Training the encoders as CLIP
 is trained gives them such a pooled vector: each scene must pick out its caption from
 captions of the same tag that are false of it, "a blue block and a red bar" against
 "a red block and a blue bar" included.

@@ -10,7 +10,7 @@ places and colours of what a picture shows far more often than what it shows. Th
 model learns each tag's words and composition, and follows them only as often as its
 captions did: errors of choice between scenes it can draw, which is what Flow-GRPO's
 reward can correct. Two things made composition learnable at all (measured with
-tests/bench/bench_toy_knowledge.py, README "The toy world"): text encoders trained as
+tests/bench/bench_toy_knowledge.py, docs/toy_world.md): text encoders trained as
 CLIP is (common.toy_clip; random ones give a pooled embedding close to a bag of words,
 and colour binding and relations stayed at chance), and a background far from every
 colour with position scenes that read one relation only (common.toy_world; on mid grey a

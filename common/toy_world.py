@@ -43,8 +43,7 @@ words in its role (`prompt_words`) stays in at least MIN_TRAIN_USES of the tag's
 prompts. What RL learns on training prompts reaches a test prompt only through words that
 training holds: with a random split that put 3 of the 4 green prompts in the test, RL raised
 its colour training prompts from 0.56 to 0.90 and the test's from 0.52 to 0.61; with every
-colour and class kept in training, the test's rose from 0.58 to 0.80 (README, "The toy
-world"). single_object has one prompt a class, so it gives one prompt to the test, whose
+colour and class kept in training, the test's rose from 0.58 to 0.80 (docs/toy_world.md). single_object has one prompt a class, so it gives one prompt to the test, whose
 class the other tags' training prompts hold. The training file is written tag-balanced
 (`balanced`): GenEval's test tags are about equally many, the world's are not (144 colour
 attribution prompts, 4 single objects). No prompt is in both splits.
@@ -73,7 +72,7 @@ CLASSES = ("dot", "block", "bar", "pole")
 # the highest noise, where the model's best prediction is that mean. On mid grey the colours'
 # latents average to near the background's, and the layout was never learned: the model's
 # mean prediction at t = 1 for "a dot left of a pole" and "... right of ..." differed by 0.01
-# a cell on grey, 0.1-0.6 on near-white (README, "The toy world").
+# a cell on grey, 0.1-0.6 on near-white (docs/toy_world.md).
 PALETTE = {"red": (220, 40, 40), "yellow": (235, 210, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
 BACKGROUND = (240, 240, 240)
 COUNTS = (2, 3, 4)             # GenEval's counting tag
