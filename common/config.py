@@ -232,19 +232,25 @@ class LearnerConfig:
     gloo on the CPU) in one placement group; one all-reduce of the LoRA gradients per
     optimizer step makes N ranks take the update one learner would take on the whole
     batch. `gradient_checkpointing` recomputes the transformer's activations in the
-    backward pass (less memory at SD3.5 scale, about a third more compute)."""
+    backward pass (less memory at SD3.5 scale, about a third more compute).
+    `num_torch_threads`: each rank's torch threads, unset: `run.num_torch_threads`; on a
+    CPU in sync mode, where rollouts and the update take turns, the update can use every
+    core the rollout workers use one each."""
     num_workers: int = 1
     num_gpus: float = 1.0
     num_cpus: float = 1.0
     timeout_s: float = 1800.0
     gradient_checkpointing: bool = False
+    num_torch_threads: int | None = None
 
 
 @dataclass
 class RunConfig:
     """The run. Evaluation (services/controller/evaluation.py) runs at iteration 0, every
     `eval_every` iterations and at the end (0: never), on the first `eval_prompts`
-    distinct test prompts (0: all of them) with `eval_images_per_prompt` images each."""
+    distinct test prompts (0: all of them) with `eval_images_per_prompt` images each.
+    `num_torch_threads`: the torch threads of each rollout worker and learner rank (0:
+    torch's default; `learner.num_torch_threads` sets the learner's apart)."""
     name: str = "flowgrpo"
     iterations: int = 1000
     seed: int = 42
@@ -351,6 +357,8 @@ class Config:
         _check(rw.timeout_s > 0, "reward.timeout_s", "must be positive")
         _check(self.rollout.num_workers >= 1, "rollout.num_workers", "must be at least 1")
         _check(self.learner.num_workers >= 1, "learner.num_workers", "must be at least 1")
+        _check(self.learner.num_torch_threads is None or self.learner.num_torch_threads >= 0,
+               "learner.num_torch_threads", "must be >= 0 (0: torch's default; unset: run.num_torch_threads)")
         _check(self.rollout.prompt_cache_size >= 0, "rollout.prompt_cache_size", "must be >= 0 (0: no cache)")
         for name, amount in self.rollout.resources.items():
             _check(name not in ("CPU", "GPU", "memory", "object_store_memory"), f"rollout.resources.{name}",
@@ -378,6 +386,7 @@ class Config:
         _check(r.eval_prompts >= 0, "run.eval_prompts", "must be >= 0 (0: the whole evaluation set)")
         _check(r.eval_images_per_prompt >= 1, "run.eval_images_per_prompt",
                "must be at least 1 (the paper's: 4 for GenEval, 1 for OCR and PickScore)")
+        _check(r.num_torch_threads >= 0, "run.num_torch_threads", "must be >= 0 (0: torch's default)")
         return self
 
 

@@ -52,8 +52,10 @@ class Learner:
     def __init__(self, config: Config, rank: int = 0, world_size: int = 1):
         self.config = config
         self.rank, self.world_size = rank, world_size
-        if config.run.num_torch_threads:
-            torch.set_num_threads(config.run.num_torch_threads)
+        threads = config.learner.num_torch_threads
+        threads = config.run.num_torch_threads if threads is None else threads
+        if threads:
+            torch.set_num_threads(threads)
         self.device = resolve_device(config.model.device)
         self.pipe = load_pipeline(config.model.path, Precision.resolve(config.model.precision, self.device), self.device,
                                   with_vae=False, with_text_encoders=False)

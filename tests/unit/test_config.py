@@ -36,6 +36,8 @@ def test_defaults_are_the_papers_sd35_settings():
     (["rollout.num_gpus=1.5"], "rollout.num_gpus", "whole number of GPUs"),
     (["learner.num_cpus=-1"], "learner.num_cpus", ">= 0"),
     (["learner.num_gpus=-1"], "learner.num_gpus", ">= 0"),
+    (["learner.num_torch_threads=-2"], "learner.num_torch_threads", "unset: run.num_torch_threads"),
+    (["run.num_torch_threads=-1"], "run.num_torch_threads", ">= 0"),
     (["reward.num_cpus=-0.5"], "reward.num_cpus", ">= 0"),
     (["rollout.resources={GPU: 1}"], "rollout.resources.GPU", "rollout.num_gpus"),
     (["rollout.resources={rollout_node: 0}"], "rollout.resources.rollout_node", "positive"),

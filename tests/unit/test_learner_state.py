@@ -82,6 +82,21 @@ def test_a_resumed_learner_takes_the_configs_optimizer_settings(trained, tiny_co
     assert all(torch.equal(fresh.optimizer.state_dict()["state"][i]["exp_avg"], saved[i]["exp_avg"]) for i in saved)
 
 
+@pytest.mark.parametrize("overrides, threads", [
+    (["run.num_torch_threads=1"], 1),
+    (["run.num_torch_threads=1", "learner.num_torch_threads=2"], 2),
+])
+def test_the_learner_takes_its_own_thread_count(tiny_config, overrides, threads):
+    """`learner.num_torch_threads`, unset: `run.num_torch_threads` (a sync run on a CPU gives
+    the update every core while one-thread rollout workers wait)."""
+    before = torch.get_num_threads()
+    try:
+        Learner(tiny_config(*overrides))
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_another_format_is_refused_with_the_way_out(trained):
     _, learner, _ = trained
     blob, meta = learner.state_dict()
