@@ -42,7 +42,7 @@ from common.config import Config
 from common.denoising import PromptEmbeds, sigma_schedule
 from common.lora import attach_lora, export_lora, load_lora
 from common.models import Precision, _autocast_forward, quiet_libraries, resolve_device
-from services.learner.learner import Learner
+from services.learner.learner import Learner, adamw_settings
 from services.rollout.sampler import initial_noise, sample_sde
 
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json (MMDiT-X: the first 13
@@ -207,8 +207,7 @@ def run_check(config: Config, size: str = "sd35-medium", repeats: int = 2, log=p
     old_log_probs = rollout.log_probs[rows][:, steps].to(device)
     advantages = torch.randn(shapes.micro_batch, generator=generator).to(device)
     learner = _LossOnly(config, transformer, negative, timesteps, sigmas)
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                  weight_decay=t.weight_decay, eps=t.adam_eps)
+    optimizer = torch.optim.AdamW(params, **adamw_settings(t))
 
     def optimizer_step(beta: float) -> dict:
         learner.config = _with_beta(config, beta)

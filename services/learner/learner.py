@@ -38,7 +38,7 @@ import torch
 from peft import set_peft_model_state_dict
 
 from common import wire
-from common.config import Config
+from common.config import Config, TrainConfig
 from common.denoising import PromptEmbeds, recompute_step, sigma_schedule
 from common.grpo import clipped_policy_loss
 from common.lora import LoraWeights, adapter_disabled, attach_lora, export_lora, lora_state_dict
@@ -46,6 +46,14 @@ from common.models import Precision, load_pipeline, resolve_device
 from common.sde import kl_to_reference
 from services.learner import state as learner_state
 from services.learner.ema import LoraEma
+
+
+def adamw_settings(train: TrainConfig) -> dict:
+    """AdamW's settings from `train`: for a new optimizer, and again after a checkpoint's
+    optimizer state is loaded, whose saved settings would otherwise override a
+    `--resume --set train.learning_rate=...`."""
+    return {"lr": train.learning_rate, "betas": (train.adam_beta1, train.adam_beta2),
+            "weight_decay": train.weight_decay, "eps": train.adam_eps}
 
 
 class Learner:
@@ -65,7 +73,7 @@ class Learner:
         with torch.random.fork_rng(devices=[]):  # the Gaussian LoRA init draws from torch's global RNG
             torch.manual_seed(config.run.seed)
             self.params = attach_lora(self.transformer, config.lora)
-        self.optimizer = torch.optim.AdamW(self.params, **self._optimizer_settings())
+        self.optimizer = torch.optim.AdamW(self.params, **adamw_settings(config.train))
         t = config.train
         self.ema = LoraEma(self.params, t.ema_decay, t.ema_every) if t.ema else None
         self.version = 0
@@ -322,20 +330,12 @@ class Learner:
             "generator": self.generator.get_state(),
         })
 
-    def _optimizer_settings(self) -> dict:
-        """AdamW's settings from `train`: at the start, and again after a checkpoint's
-        optimizer state is loaded, whose saved settings would otherwise override a
-        `--resume --set train.learning_rate=...`."""
-        t = self.config.train
-        return {"lr": t.learning_rate, "betas": (t.adam_beta1, t.adam_beta2), "weight_decay": t.weight_decay,
-                "eps": t.adam_eps}
-
     def load_state_dict(self, tensors: bytes, meta: dict) -> None:
         state = learner_state.unpack(tensors, meta)
         set_peft_model_state_dict(self.transformer, state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # the moments resume; the settings are the config's
-            group.update(self._optimizer_settings())
+            group.update(adamw_settings(self.config.train))
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
